@@ -1,0 +1,39 @@
+# Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
+# Both create .venv and install the project into it when needed.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU-only machines pass TORCH_REQUIREMENT=torch==<version> to take the small CPU wheel.
+TORCH_REQUIREMENT ?= torch
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install repro test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_REQUIREMENT)"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ruff format --check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+bench: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.run
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV)

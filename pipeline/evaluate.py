@@ -1,0 +1,126 @@
+"""Stage 4, evaluate: exact losses against the uniform baseline and the bigram optimum.
+
+Writes metrics.json for `dvc metrics` and logs the same numbers into the training run, plus a
+picture of the learned next-character table beside the one counted from the corpus.
+
+- train_loss, val_loss: mean loss over every bigram of each split (exact).
+- uniform_loss: ln(V), a uniform guess (4.1744 for V = 65).
+- val_improvement_over_uniform: uniform_loss - val_loss.
+- train_bigram_optimum: H(next | current) from the train split's bigram counts, the lowest
+  train loss any bigram model can reach (2.4519 on Tiny Shakespeare): lower would be a bug.
+- train_gap_to_optimum: train_loss - train_bigram_optimum (>= 0).
+- val_counts_model_loss: val loss of the counting model, add-one smoothed train counts, the
+  best a bigram estimated from the train split does on val in practice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # Files only: no display on servers and CI.
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import torch
+
+from pipeline import tracking
+from pipeline.data import (
+    bigram_counts,
+    conditional_entropy,
+    load_tokens,
+    load_vocab,
+    smoothed_probs,
+    to_device_tokens,
+    uniform_loss,
+)
+from pipeline.errors import stage_entry_point
+from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
+from pipeline.model import bigram_loss_from_counts, load_model
+from pipeline.params import load_params
+from pipeline.train import MODEL_PATH, RUN_INFO_PATH
+from pipeline.vocab import TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
+
+EVALUATE_DIR = Path("data/evaluate")
+METRICS_PATH = EVALUATE_DIR / "metrics.json"
+PROBS_PLOT_PATH = EVALUATE_DIR / "next_char_probs.png"
+
+
+def compute_metrics(
+    logits: torch.Tensor, train_counts: torch.Tensor, val_counts: torch.Tensor
+) -> dict[str, float]:
+    vocab_size = logits.shape[0]
+    train_loss = bigram_loss_from_counts(logits, train_counts).item()
+    val_loss = bigram_loss_from_counts(logits, val_counts).item()
+    optimum = conditional_entropy(train_counts)
+    counts_model_log_probs = smoothed_probs(train_counts).log()
+    val_counts_model_loss = float(-(val_counts * counts_model_log_probs).sum() / val_counts.sum())
+    return {
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "uniform_loss": uniform_loss(vocab_size),
+        "val_improvement_over_uniform": uniform_loss(vocab_size) - val_loss,
+        "train_bigram_optimum": optimum,
+        "train_gap_to_optimum": train_loss - optimum,
+        "val_counts_model_loss": val_counts_model_loss,
+    }
+
+
+def char_label(char: str) -> str:
+    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(char, char)
+
+
+def plot_next_char_probs(
+    learned: np.ndarray, counted: np.ndarray, chars: list[str], path: Path
+) -> None:
+    """Two V x V heatmaps, P(next | current): learned by the model and counted in train."""
+    labels = [char_label(c) for c in chars]
+    figure, axes = plt.subplots(1, 2, figsize=(22, 11), constrained_layout=True)
+    for axis, table, title in (
+        (axes[0], learned, "learned: softmax of the embedding table"),
+        (axes[1], counted, "counted: bigram frequencies in the train split"),
+    ):
+        image = axis.imshow(table, cmap="Blues", vmin=0.0, vmax=1.0)
+        axis.set_title(f"P(next | current), {title}")
+        axis.set_xticks(range(len(labels)), labels, fontsize=6, family="monospace")
+        axis.set_yticks(range(len(labels)), labels, fontsize=6, family="monospace")
+        axis.set_xlabel("next character")
+        axis.set_ylabel("current character")
+    figure.colorbar(image, ax=axes, shrink=0.6, label="probability")
+    with atomic_path(path) as tmp_path:
+        figure.savefig(tmp_path, format="png", dpi=110)
+    plt.close(figure)
+
+
+def main() -> None:
+    params = load_params()
+    chars = load_vocab(VOCAB_PATH)
+    model = load_model(MODEL_PATH, len(chars))
+    logits = model.token_embedding_table.weight.detach()
+    train_counts = bigram_counts(
+        to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), "cpu"), len(chars)
+    )
+    val_counts = bigram_counts(to_device_tokens(load_tokens(VAL_TOKENS_PATH), "cpu"), len(chars))
+    training_run_id = read_json(RUN_INFO_PATH)["mlflow_run_id"]
+
+    with (
+        tracking.model_run("evaluate", params, training_run_id, stage_params={}),
+        outputs_removed_on_failure(METRICS_PATH, PROBS_PLOT_PATH),
+    ):
+        metrics = compute_metrics(logits, train_counts, val_counts)
+        counted = (train_counts / train_counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+        plot_next_char_probs(
+            model.next_token_probs().detach().numpy(), counted, chars, PROBS_PLOT_PATH
+        )
+        write_json(METRICS_PATH, metrics)
+        # Logged at the last training step: the run's latest value is then exactly metrics.json's.
+        mlflow.log_metrics(metrics, step=params.train.max_iters)
+        mlflow.log_artifact(str(METRICS_PATH))
+        mlflow.log_artifact(str(PROBS_PLOT_PATH))
+    for name, value in metrics.items():
+        print(f"{name:>30}: {value:.4f}")
+
+
+if __name__ == "__main__":
+    stage_entry_point(main)()

@@ -1,0 +1,70 @@
+"""Atomic file writes: a stage's output path holds the complete file or nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import PipelineError
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only on success.
+
+    The rename is atomic on POSIX, so a reader (or a killed process) never sees a partial file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp_name)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file for writing that replaces ``path`` when the block succeeds."""
+    with atomic_path(path) as tmp_path, open(tmp_path, mode, **kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json(path: Path, payload: Any) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run `dvc repro` to rebuild it") from None
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{path} is not valid JSON ({error}): rerun `dvc repro`") from None
+
+
+@contextlib.contextmanager
+def outputs_removed_on_failure(*paths: Path) -> Iterator[None]:
+    """Remove a stage's outputs if it fails part-way, so no stale or partial set is left."""
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise

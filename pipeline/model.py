@@ -1,0 +1,93 @@
+"""The bigram language model of Karpathy's "Let's build GPT" lecture (bigram.py).
+
+Each token id looks up a row of a V x V table that holds the logits of the next token:
+the model sees only the current character.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+
+class BigramLanguageModel(nn.Module):
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx and targets are (B, T) token ids; returns logits (B, T, V) and the mean loss."""
+        logits = self.token_embedding_table(idx)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1))
+        return logits, loss
+
+    def next_token_probs(self, temperature: float = 1.0) -> torch.Tensor:
+        """The (V, V) table P[current, next]: softmax of each row of logits."""
+        return F.softmax(self.token_embedding_table.weight / temperature, dim=-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend each row of idx (B, T) by max_new_tokens sampled tokens; returns (B, T + n).
+
+        The next token depends only on the last one, so the probability table is computed once
+        and each step is one row lookup and one draw: O(n), where feeding the whole growing
+        sequence back (as the lecture's generic generate does) is O(n^2) with the same result.
+        """
+        probs = self.next_token_probs(temperature)
+        batch_size = idx.shape[0]
+        new_tokens = torch.empty(batch_size, max_new_tokens, dtype=torch.long, device=idx.device)
+        current = idx[:, -1]
+        for step in range(max_new_tokens):
+            current = torch.multinomial(probs[current], 1, generator=generator).squeeze(1)
+            new_tokens[:, step] = current
+        return torch.cat([idx, new_tokens], dim=1)
+
+
+def bigram_loss_from_counts(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Exact mean cross-entropy over every bigram of a split, given its (V, V) count matrix.
+
+    counts[i, j] is how often token j follows token i. Summing -log softmax(logits)[i, j] over
+    all N bigrams equals sum(counts * -log_softmax(logits)) / N: O(V^2) once counts are known.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(counts * log_probs).sum() / counts.sum()
+
+
+def load_model(path: Path, vocab_size: int) -> BigramLanguageModel:
+    """Load weights saved by the train stage, checking they fit this vocabulary."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run `dvc repro train`") from None
+    except Exception as error:
+        raise PipelineError(
+            f"{path} is not a saved model ({error}); rerun `dvc repro train`"
+        ) from None
+    weights = state.get("token_embedding_table.weight") if isinstance(state, dict) else None
+    if weights is None:
+        raise PipelineError(f"{path} holds no bigram embedding table: rerun `dvc repro train`")
+    expected = (vocab_size, vocab_size)
+    if tuple(weights.shape) != expected:
+        raise PipelineError(
+            f"{path} has an embedding table of shape {tuple(weights.shape)} but the vocabulary "
+            f"needs {expected}: the model was trained on another vocabulary; rerun `dvc repro`"
+        )
+    model = BigramLanguageModel(vocab_size)
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,192 @@
+"""Typed, validated params: params.yaml is read once per stage and checked before any work.
+
+A wrong value fails with the param's dotted name, the allowed range and the value found, so a
+typo in ``dvc exp run -S train.lrr=0.1`` or ``-S train.batch_size=3.5`` stops the stage at once
+instead of being silently ignored or cast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+CORPUS_URL_ENV = "BIGRAM_CORPUS_URL"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+TRAIN_METHODS = ("minibatch", "counts")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    url: str
+    sha256: str
+    train_fraction: float = 0.9
+
+    @property
+    def source(self) -> str:
+        """Where to fetch the corpus: ``$BIGRAM_CORPUS_URL`` (offline mirror) or ``url``."""
+        return os.environ.get(CORPUS_URL_ENV) or self.url
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    method: str = "minibatch"
+    batch_size: int = 32
+    block_size: int = 8
+    max_iters: int = 3000
+    eval_interval: int = 300
+    lr: float = 1e-2
+    seed: int = 1337
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    num_chars: int = 500
+    seed: int = 1337
+    temperature: float = 1.0
+    # Upper bound on one generation request, so a typo cannot ask for a billion characters.
+    max_chars: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment_name: str = "bigram"
+    registered_model_name: str = "bigram-shakespeare"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    train: TrainParams
+    sample: SampleParams
+    tracking: TrackingParams
+
+    def flat(self) -> dict[str, Any]:
+        """Every param as ``section.name: value`` (the names `dvc params diff` shows)."""
+        return {
+            f"{section.name}.{key}": value
+            for section in dataclasses.fields(self)
+            for key, value in dataclasses.asdict(getattr(self, section.name)).items()
+        }
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise PipelineError naming the first bad param."""
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path} must be a mapping of sections (data, train, sample, tracking)")
+    _reject_unknown_keys(raw, [field.name for field in dataclasses.fields(Params)], "", path)
+    sections = {}
+    for section in dataclasses.fields(Params):
+        section_type = _SECTION_TYPES[section.name]
+        values = raw.get(section.name) or {}
+        if not isinstance(values, dict):
+            raise PipelineError(f"{path}: '{section.name}' must be a mapping of params")
+        names = [field.name for field in dataclasses.fields(section_type)]
+        _reject_unknown_keys(values, names, f"{section.name}.", path)
+        sections[section.name] = _build_section(section_type, section.name, values, path)
+    params = Params(**sections)
+    _validate(params, path)
+    return params
+
+
+def _read_yaml(path: Path) -> Any:
+    # ruamel reads YAML 1.2, as DVC does: `lr: 1e-2` is a float, not the string PyYAML makes of it.
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return YAML(typ="safe", pure=True).load(handle)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the stage from the repository root") from None
+    except YAMLError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise PipelineError(f"{path} is not valid YAML: {first_line}") from None
+
+
+def _reject_unknown_keys(values: dict, known: list[str], prefix: str, path: Path) -> None:
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = (
+                f"; did you mean '{prefix}{close[0]}'?" if close else f"; known: {', '.join(known)}"
+            )
+            raise PipelineError(f"{path}: unknown param '{prefix}{key}'{hint}")
+
+
+def _build_section(section_type: type, section_name: str, values: dict, path: Path):
+    kwargs = {}
+    for field in dataclasses.fields(section_type):
+        name = f"{section_name}.{field.name}"
+        if field.name not in values:
+            if field.default is dataclasses.MISSING:
+                raise PipelineError(f"{path}: param '{name}' is required")
+            continue
+        kwargs[field.name] = _coerce(values[field.name], field.type, name)
+    return section_type(**kwargs)
+
+
+def _coerce(value: Any, type_name: str, name: str) -> Any:
+    """Check a YAML value against the field's type without lossy casts (3.5 is no int)."""
+    # bool is a subclass of int in Python; `batch_size: true` is still a mistake.
+    if type_name == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PipelineError(f"param '{name}' must be an integer, got {value!r}")
+        return value
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PipelineError(f"param '{name}' must be a number, got {value!r}")
+        return float(value)
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise PipelineError(f"param '{name}' must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported param type {type_name} for {name}")
+
+
+def _require(condition: bool, name: str, rule: str, value: Any) -> None:
+    if not condition:
+        raise PipelineError(f"param '{name}' must be {rule}, got {value!r}")
+
+
+def _validate(params: Params, path: Path) -> None:
+    data, train, sample = params.data, params.train, params.sample
+    _require(
+        0.0 < data.train_fraction < 1.0, "data.train_fraction", "in (0, 1)", data.train_fraction
+    )
+    _require(
+        len(data.sha256) == 64 and all(c in "0123456789abcdef" for c in data.sha256.lower()),
+        "data.sha256",
+        "a 64-digit hex sha256",
+        data.sha256,
+    )
+    _require(train.method in TRAIN_METHODS, "train.method", f"one of {TRAIN_METHODS}", train.method)
+    for name in ("batch_size", "block_size", "max_iters", "eval_interval"):
+        value = getattr(train, name)
+        _require(value > 0, f"train.{name}", "a positive integer", value)
+    _require(train.lr > 0, "train.lr", "> 0", train.lr)
+    _require(train.device in DEVICES, "train.device", f"one of {DEVICES}", train.device)
+    _require(sample.num_chars > 0, "sample.num_chars", "a positive integer", sample.num_chars)
+    _require(sample.temperature > 0, "sample.temperature", "> 0", sample.temperature)
+    _require(
+        sample.num_chars <= sample.max_chars,
+        "sample.num_chars",
+        f"at most sample.max_chars = {sample.max_chars}",
+        sample.num_chars,
+    )
+    _require(bool(params.tracking.experiment_name), "tracking.experiment_name", "non-empty", "")
+
+
+_SECTION_TYPES = {
+    "data": DataParams,
+    "train": TrainParams,
+    "sample": SampleParams,
+    "tracking": TrackingParams,
+}

@@ -1,0 +1,137 @@
+"""Stage 2, vocab: build the character vocabulary, encode the corpus, split train/val.
+
+The vocabulary is the sorted set of distinct characters (65 for Tiny Shakespeare). Token ids
+are stored in the smallest unsigned dtype that holds them (uint8 here) as .npy files, which
+the train stage memory-maps. The first ``data.train_fraction`` of the tokens is the train
+split and the rest the val split, as in the lecture. The corpus is streamed in chunks, twice
+(count characters, then encode), so memory stays bounded for corpora far larger than this one.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from pipeline import tracking
+from pipeline.download import CORPUS_PATH, DOWNLOAD_INFO_PATH
+from pipeline.errors import PipelineError, stage_entry_point
+from pipeline.files import atomic_path, read_json, write_json
+from pipeline.params import load_params
+
+VOCAB_DIR = Path("data/vocab")
+VOCAB_PATH = VOCAB_DIR / "vocab.json"
+TRAIN_TOKENS_PATH = VOCAB_DIR / "train.npy"
+VAL_TOKENS_PATH = VOCAB_DIR / "val.npy"
+MANIFEST_PATH = VOCAB_DIR / "manifest.json"
+
+CHUNK_BYTES = 16 << 20
+UNICODE_SIZE = 0x110000
+
+
+def read_codepoints(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """Yield the corpus's Unicode code points as uint32 arrays, one chunk at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset = 0
+    try:
+        with open(path, "rb") as corpus:
+            while raw := corpus.read(chunk_bytes):
+                text = decoder.decode(raw)
+                offset += len(raw)
+                if text:
+                    yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as error:
+        raise PipelineError(
+            f"{path} is not UTF-8 text (bad byte near offset {offset - len(raw) + error.start}); "
+            "check the corpus source and data.sha256"
+        ) from None
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run `dvc repro download`") from None
+
+
+def count_characters(path: Path) -> np.ndarray:
+    """How often each code point occurs: an array indexed by code point."""
+    counts = np.zeros(UNICODE_SIZE, dtype=np.int64)
+    for codepoints in read_codepoints(path):
+        counts += np.bincount(codepoints, minlength=UNICODE_SIZE)
+    return counts
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise AssertionError("a vocabulary of code points always fits uint32")
+
+
+def encode_split(
+    path: Path, chars: list[str], num_train: int, num_val: int, train_out: Path, val_out: Path
+) -> None:
+    """Encode the corpus into two .npy token files, first num_train tokens then the rest."""
+    dtype = token_dtype(len(chars))
+    lookup = np.zeros(UNICODE_SIZE, dtype=dtype)
+    lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=dtype)
+    with atomic_path(train_out) as train_tmp, atomic_path(val_out) as val_tmp:
+        train = np.lib.format.open_memmap(train_tmp, mode="w+", dtype=dtype, shape=(num_train,))
+        val = np.lib.format.open_memmap(val_tmp, mode="w+", dtype=dtype, shape=(num_val,))
+        position = 0
+        for codepoints in read_codepoints(path):
+            tokens = lookup[codepoints]
+            end = position + len(tokens)
+            if position < num_train:
+                head = min(end, num_train) - position
+                train[position : position + head] = tokens[:head]
+            if end > num_train:
+                start = max(position, num_train)
+                val[start - num_train : end - num_train] = tokens[start - position :]
+            position = end
+        train.flush()
+        val.flush()
+        del train, val
+
+
+def main() -> None:
+    params = load_params()
+    download_info = read_json(DOWNLOAD_INFO_PATH)
+    with tracking.stage_run("vocab", params, run_name="vocab") as run:
+        mlflow.log_param("data.train_fraction", params.data.train_fraction)
+        counts = count_characters(CORPUS_PATH)
+        chars = [chr(code) for code in np.flatnonzero(counts)]
+        num_tokens = int(counts.sum())
+        if num_tokens < 2:
+            raise PipelineError(f"{CORPUS_PATH} holds {num_tokens} characters: it needs at least 2")
+        num_train = int(params.data.train_fraction * num_tokens)
+        num_val = num_tokens - num_train
+        if num_train < 2 or num_val < 2:
+            raise PipelineError(
+                f"{CORPUS_PATH} is too short ({num_tokens} characters) to split with "
+                f"data.train_fraction = {params.data.train_fraction}: each split needs 2 or more"
+            )
+        encode_split(CORPUS_PATH, chars, num_train, num_val, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH)
+        write_json(VOCAB_PATH, {"chars": chars})
+        mlflow.log_metrics(
+            {"vocab_size": len(chars), "train_tokens": num_train, "val_tokens": num_val}
+        )
+        mlflow.log_artifact(str(VOCAB_PATH))
+        write_json(
+            MANIFEST_PATH,
+            {
+                "corpus_sha256": download_info["sha256"],
+                "corpus_source": download_info["source"],
+                "download_run_id": download_info["mlflow_run_id"],
+                "vocab_run_id": run.info.run_id,
+                "vocab_size": len(chars),
+                "train_tokens": num_train,
+                "val_tokens": num_val,
+                "dtype": str(token_dtype(len(chars))),
+            },
+        )
+    print(f"vocabulary of {len(chars)} characters; {num_train:,} train and {num_val:,} val tokens")
+
+
+if __name__ == "__main__":
+    stage_entry_point(main)()
