@@ -1,0 +1,137 @@
+"""Shared fixtures: the real corpus served over HTTP on 127.0.0.1, and throwaway repo copies."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The byte-exact Tiny Shakespeare copy beside the checkout: test data, never committed.
+SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def shared_corpus() -> Path:
+    assert SHARED_CORPUS.is_file(), f"test corpus missing: {SHARED_CORPUS}"
+    return SHARED_CORPUS
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """Serve a directory over HTTP on 127.0.0.1 (a free port); yield the base URL."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def corpus_url(shared_corpus: Path) -> Iterator[str]:
+    """The real corpus, served by a local HTTP server to the real download code."""
+    with serve_directory(shared_corpus.parent) as base_url:
+        yield f"{base_url}/{shared_corpus.name}"
+
+
+def pipeline_env(corpus_url: str, **extra: str) -> dict[str, str]:
+    """Environment for `dvc` and stage subprocesses: this venv first, local corpus, no server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        BIGRAM_CORPUS_URL=corpus_url,
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: int = 600):
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def update_params(repo: Path, **sections: dict) -> None:
+    """Overwrite some params in repo/params.yaml, e.g. train={"max_iters": 300}."""
+    yaml = YAML()
+    path = repo / "params.yaml"
+    params = yaml.load(path)
+    for section, values in sections.items():
+        params[section].update(values)
+    yaml.dump(params, path)
+
+
+def make_repo_copy(destination: Path, env: dict[str, str]) -> Path:
+    """A fresh git repo holding the working tree's files (tracked and new, not ignored).
+
+    Copying the working tree rather than cloning HEAD tests uncommitted changes too; CI runs on
+    a fresh clone of main anyway.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    # The lock file describes the developer's last run, not this copy's.
+    (destination / "dvc.lock").unlink(missing_ok=True)
+    run(["git", "init", "-q", "-b", "main"], destination, env)
+    commit_all(destination, env, "copy of the working tree")
+    return destination
+
+
+def commit_all(repo: Path, env: dict[str, str], message: str) -> None:
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "--allow-empty", "-m", message], repo, env)
+
+
+# Few iterations keep the end-to-end runs short; the real defaults are checked elsewhere.
+FAST_TRAIN = {"max_iters": 300, "eval_interval": 100, "lr": 0.02}
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A throwaway copy of the project with fast training params, committed to git."""
+    env = pipeline_env(corpus_url)
+    repo = make_repo_copy(tmp_path / "repo", env)
+    update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
+    commit_all(repo, env, "fast params for tests")
+    return repo, env
