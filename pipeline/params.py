@@ -182,6 +182,12 @@ def _validate(params: Params, path: Path) -> None:
         sample.num_chars,
     )
     _require(bool(params.tracking.experiment_name), "tracking.experiment_name", "non-empty", "")
+    _require(
+        bool(params.tracking.registered_model_name),
+        "tracking.registered_model_name",
+        "non-empty",
+        "",
+    )
 
 
 _SECTION_TYPES = {

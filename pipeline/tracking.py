@@ -61,21 +61,30 @@ def git_commit() -> str:
         return "unknown"
 
 
+def use_store() -> str:
+    """Point MLflow's tracking and registry at the store; return its URI.
+
+    A tracking server that does not answer fails within seconds, naming the URI.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+    return uri
+
+
 def connect(experiment_name: str) -> str:
     """Point MLflow at the store, create the experiment if needed; return its id.
 
     Fails within seconds, naming the URI, when the store cannot be used.
     """
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = use_store()
     if uri.startswith("sqlite:"):
         return _prepare_sqlite_store(uri, experiment_name)
-    if uri.startswith(("http://", "https://")):
-        _probe_server(uri)
     return _get_or_create_experiment(experiment_name, artifact_location=None, uri=uri)
 
 
-def _sqlite_path(uri: str) -> Path:
+def sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
@@ -88,7 +97,7 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
     """
     from filelock import FileLock
 
-    db_path = _sqlite_path(uri)
+    db_path = sqlite_path(uri)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
         try:

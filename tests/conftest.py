@@ -135,3 +135,26 @@ def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
     update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
     commit_all(repo, env, "fast params for tests")
     return repo, env
+
+
+# Left out of copies of a trained repo: each copy gets its own MLflow store and DVC state.
+NOT_COPIED = {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlflow.db.lock", "mlartifacts", "tmp"}
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A repo copy after one `dvc repro` with fast params, dvc.lock committed. Read-only:
+    tests work in their own copy (copy_trained_repo) so that they can share one baseline run."""
+    env = pipeline_env(corpus_url)
+    repo = make_repo_copy(tmp_path_factory.mktemp("trained") / "repo", env)
+    update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
+    commit_all(repo, env, "fast params for tests")
+    run(["dvc", "repro"], repo, env)
+    commit_all(repo, env, "baseline run")
+    return repo, env
+
+
+def copy_trained_repo(trained: Path, destination: Path) -> Path:
+    """The trained repo with its git history, DVC cache and outputs, but a new MLflow store."""
+    shutil.copytree(trained, destination, ignore=lambda _dir, names: NOT_COPIED & set(names))
+    return destination
