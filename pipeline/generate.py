@@ -124,7 +124,7 @@ def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
             chars = load_vocab(vocab_path)
             if model.vocab_size == len(chars):
                 return TextGenerator(model, chars)
-    elif flavors.get("python_function", {}).get("loader_module") == "mlflow.pyfunc.model":
+    elif "python_function" in flavors:
         python_model = mlflow.pyfunc.load_model(str(path)).unwrap_python_model()
         if isinstance(python_model, BigramTextModel):
             return python_model.generator

@@ -47,6 +47,7 @@ SIGNATURE = ModelSignature(
     ),
     outputs=Schema([ColSpec("string")]),
 )
+INPUT_EXAMPLE = pd.DataFrame({"prompt": ["ROMEO:"], "chars": [100]})
 
 
 class BigramTextModel(mlflow.pyfunc.PythonModel):
@@ -87,7 +88,7 @@ def log_text_generator(weights_path: Path, vocab_path: Path, params: Params):
     sample = params.sample
     return mlflow.pyfunc.log_model(
         name=GENERATOR_ARTIFACT,
-        python_model=BigramTextModel(),
+        python_model=str(pipeline_package / "generator_model.py"),
         artifacts={"weights": str(weights_path), "vocab": str(vocab_path)},
         code_paths=[str(pipeline_package)],
         model_config={
@@ -97,6 +98,7 @@ def log_text_generator(weights_path: Path, vocab_path: Path, params: Params):
             "max_chars": sample.max_chars,
         },
         signature=SIGNATURE,
+        input_example=INPUT_EXAMPLE,
         # Listing requirements skips MLflow's slow inference of them from a subprocess.
         pip_requirements=[
             f"torch=={torch.__version__.split('+')[0]}",

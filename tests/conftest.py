@@ -143,12 +143,16 @@ NOT_COPIED = {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlflow.db.lock", "
 
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
-    """A repo copy after one `dvc repro` with fast params, dvc.lock committed. Read-only:
-    tests work in their own copy (copy_trained_repo) so that they can share one baseline run."""
+    """A repo copy after one `dvc repro` with fast params, then committed with its dvc.lock.
+
+    The run was made with a params change not yet committed (train.seed), as runs often are.
+    Read-only: tests work in their own copy (copy_trained_repo), sharing this one baseline run.
+    """
     env = pipeline_env(corpus_url)
     repo = make_repo_copy(tmp_path_factory.mktemp("trained") / "repo", env)
     update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
     commit_all(repo, env, "fast params for tests")
+    update_params(repo, train={"seed": 7})
     run(["dvc", "repro"], repo, env)
     commit_all(repo, env, "baseline run")
     return repo, env

@@ -33,7 +33,9 @@ EIGHT_EXPERIMENTS = [
     "train.seed=1",
     "train.seed=2",
 ]
-POLL_S = 3
+POLL_S = 2
+STATUS_EVERY_S = 20
+QUEUE_TIMEOUT_S = 480
 
 
 def store_client(repo: Path) -> MlflowClient:
@@ -49,16 +51,30 @@ def queue(repo: Path, env: dict[str, str], overrides: list[str]) -> dict[str, st
     return names
 
 
-def run_queue(repo: Path, env: dict[str, str], jobs: int, timeout_s: int = 480) -> str:
-    """`dvc queue start -j N`, then wait until nothing is queued or running; returns the status."""
-    run(["dvc", "queue", "start", "-j", str(jobs)], repo, env)
-    deadline = time.monotonic() + timeout_s
+def wait_for_queue(repo: Path, env: dict[str, str], experiments: int) -> str:
+    """Wait until the queue is idle; returns `dvc queue status`.
+
+    Finished experiments show up as git refs, cheap to count on a loaded machine; `dvc queue
+    status` is asked now and then, in case one failed and will never show up.
+    """
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    next_status_check = time.monotonic() + STATUS_EVERY_S
     while True:
-        status = run(["dvc", "queue", "status"], repo, env).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            return status
-        assert time.monotonic() < deadline, f"queue still busy after {timeout_s} s:\n{status}"
+        done = time.monotonic() > next_status_check or exp_refs(repo) >= experiments
+        if done:
+            status = run(["dvc", "queue", "status"], repo, env).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                return status
+            next_status_check = time.monotonic() + STATUS_EVERY_S
+        assert time.monotonic() < deadline, f"queue still busy after {QUEUE_TIMEOUT_S} s"
         time.sleep(POLL_S)
+
+
+def exp_refs(repo: Path) -> int:
+    refs = subprocess.run(
+        ["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True
+    ).stdout
+    return len(refs.splitlines())
 
 
 def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
@@ -128,7 +144,8 @@ def test_eight_queued_experiments_on_four_workers_share_one_store(trained_repo, 
     names = queue(repo, env, EIGHT_EXPERIMENTS)
     assert len(names) == 8
 
-    status = run_queue(repo, env, jobs=4)
+    run(["dvc", "queue", "start", "-j", "4"], repo, env)
+    status = wait_for_queue(repo, env, experiments=8)
     assert status.count("Success") == 8, status
 
     runs = check_experiments_in_store(repo, env, names)
@@ -154,11 +171,11 @@ def test_two_workers_and_a_temp_experiment_at_once(trained_repo, tmp_path):
     """`dvc queue start -j 2` with a `dvc exp run --temp` beside it: three writers at once."""
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
     env = trained_repo[1]
-    names = queue(repo, env, ["train.lr=2e-2", "train.batch_size=48"])
+    names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
     run(["dvc", "queue", "start", "-j", "2"], repo, env)
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
     temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
-    status = run_queue(repo, env, jobs=2)
+    status = wait_for_queue(repo, env, experiments=3)
     assert status.count("Success") == 2, status
 
     runs = check_experiments_in_store(repo, env, {**names, temp_name: "train.lr=4e-2"})
