@@ -7,7 +7,6 @@ duplicate or break nothing.
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 import subprocess
@@ -20,8 +19,15 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import REPO_ROOT, copy_trained_repo, run
+from tests.experiments import (
+    MODEL_NAME,
+    check_experiments_in_store,
+    check_registry,
+    queue,
+    training_runs,
+    wait_for_queue,
+)
 
-MODEL_NAME = "bigram-shakespeare"
 # The issue's four experiments, then four more: eight runs on four workers.
 EIGHT_EXPERIMENTS = [
     "train.lr=3e-3",
@@ -33,111 +39,18 @@ EIGHT_EXPERIMENTS = [
     "train.seed=1",
     "train.seed=2",
 ]
-POLL_S = 2
-STATUS_EVERY_S = 20
-QUEUE_TIMEOUT_S = 480
 
 
 def store_client(repo: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
-def queue(repo: Path, env: dict[str, str], overrides: list[str]) -> dict[str, str]:
-    """Queue one experiment per override; returns {experiment name: override}."""
-    names = {}
-    for override in overrides:
-        result = run(["dvc", "exp", "run", "--queue", "-S", override], repo, env)
-        names[re.search(r"Queued experiment '([^']+)'", result.stdout).group(1)] = override
-    return names
-
-
-def wait_for_queue(repo: Path, env: dict[str, str], experiments: int) -> str:
-    """Wait until the queue is idle; returns `dvc queue status`.
-
-    Finished experiments show up as git refs, cheap to count on a loaded machine; `dvc queue
-    status` is asked now and then, in case one failed and will never show up.
-    """
-    deadline = time.monotonic() + QUEUE_TIMEOUT_S
-    next_status_check = time.monotonic() + STATUS_EVERY_S
-    while True:
-        done = time.monotonic() > next_status_check or exp_refs(repo) >= experiments
-        if done:
-            status = run(["dvc", "queue", "status"], repo, env).stdout
-            if not re.search(r"\b(Queued|Running)\b", status):
-                return status
-            next_status_check = time.monotonic() + STATUS_EVERY_S
-        assert time.monotonic() < deadline, f"queue still busy after {QUEUE_TIMEOUT_S} s"
-        time.sleep(POLL_S)
-
-
-def exp_refs(repo: Path) -> int:
-    refs = subprocess.run(
-        ["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True
-    ).stdout
-    return len(refs.splitlines())
-
-
-def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
-    """{experiment name: {"params": train params, "metrics": metrics.json}} from `dvc exp show`."""
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    found = {}
-    for baseline in shown:
-        for experiment in baseline.get("experiments") or []:
-            data = experiment["revs"][0]["data"]
-            found[experiment["name"]] = {
-                "params": data["params"]["params.yaml"]["data"]["train"],
-                "metrics": data["metrics"]["data/evaluate/metrics.json"]["data"],
-            }
-    return found
-
-
-def training_runs(client: MlflowClient) -> list:
-    experiment = client.get_experiment_by_name("bigram")
-    return client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
-
-
-def check_experiments_in_store(repo: Path, env: dict[str, str], names: dict[str, str]) -> list:
-    """Each experiment has exactly one FINISHED training run, named after it, whose params and
-    metrics are those `dvc exp show` lists for it; returns those runs."""
-    client = store_client(repo)
-    runs = [r for r in training_runs(client) if r.data.tags.get("dvc.exp_name") in names]
-    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(names), "lost or doubled"
-    shown = exp_show(repo, env)
-    for found in runs:
-        name = found.data.tags["dvc.exp_name"]
-        assert found.info.status == "FINISHED", name
-        assert found.info.run_name == name
-        key, value = names[name].removeprefix("train.").split("=")
-        assert float(found.data.params[key]) == float(value), name
-        assert shown[name]["params"][key] == pytest.approx(float(value))
-        metrics = shown[name]["metrics"]
-        assert metrics.keys() <= found.data.metrics.keys()
-        for metric, value in metrics.items():
-            assert found.data.metrics[metric] == pytest.approx(value, rel=1e-12), (name, metric)
-        # The stages logged to the workspace's store, never to one in DVC's temporary copy.
-        assert found.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
-    return runs
-
-
-def check_registry(client: MlflowClient, runs: list) -> None:
-    """One model version per training, numbered without gaps or repeats, metrics attached."""
-    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
-    by_run = {version.run_id: version for version in versions}
-    assert sorted(int(v.version) for v in versions) == list(range(1, len(versions) + 1))
-    for found in runs:
-        version = by_run[found.info.run_id]
-        assert version.tags["dvc.exp_name"] == found.data.tags["dvc.exp_name"]
-        assert float(version.tags["val_loss"]) == pytest.approx(
-            found.data.metrics["val_loss"], abs=1e-6
-        )
-        assert f"val_loss {found.data.metrics['val_loss']:.4f}" in version.description
-
-
 @pytest.mark.e2e
-def test_eight_queued_experiments_on_four_workers_share_one_store(trained_repo, tmp_path):
-    """The reliability issue's load test and the scale issue's queue, in one run of the queue.
+def test_eight_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_path):
+    """The reliability issue's load test and the scale issue's queue in one run of the queue:
+    eight experiments on four workers, and a `dvc exp run --temp` beside them.
 
-    The copy starts without mlflow.db, so the first four workers also race to create it.
+    The copy starts without mlflow.db, so the first workers also race to create it.
     """
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
     env = trained_repo[1]
@@ -145,42 +58,29 @@ def test_eight_queued_experiments_on_four_workers_share_one_store(trained_repo, 
     assert len(names) == 8
 
     run(["dvc", "queue", "start", "-j", "4"], repo, env)
-    status = wait_for_queue(repo, env, experiments=8)
+    temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
+    temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
+    status = wait_for_queue(repo, env, experiments=9)
     assert status.count("Success") == 8, status
 
-    runs = check_experiments_in_store(repo, env, names)
-    assert len(runs) == 8
     client = store_client(repo)
-    # Nothing else ran: download and vocab were unchanged, and no run is left RUNNING.
-    assert len(training_runs(client)) == 8
+    runs = check_experiments_in_store(client, repo, env, {**names, temp_name: "train.lr=4e-2"})
+    assert len(runs) == 9
+    # Nothing else ran (download and vocab were unchanged) and no run is left RUNNING.
+    assert len(training_runs(client)) == 9
     experiment = client.get_experiment_by_name("bigram")
     assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"FINISHED"}
     check_registry(client, runs)
-    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 8
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 9
 
-    # Runs record where they came from: the queued commit, with params.yaml changed by -S.
     head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     for found in runs:
+        # The stages logged to the workspace's store, never to one in DVC's temporary copy.
+        assert found.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+        # Runs record where they came from: the queued commit, params.yaml changed by -S.
         assert found.data.tags["mlflow.source.git.commit"] == head
         assert found.data.tags["git.dirty"] == "true"
         assert found.data.tags["git.changed_files"] == "params.yaml"
-
-
-@pytest.mark.e2e
-def test_two_workers_and_a_temp_experiment_at_once(trained_repo, tmp_path):
-    """`dvc queue start -j 2` with a `dvc exp run --temp` beside it: three writers at once."""
-    repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
-    env = trained_repo[1]
-    names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
-    run(["dvc", "queue", "start", "-j", "2"], repo, env)
-    temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
-    temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
-    status = wait_for_queue(repo, env, experiments=3)
-    assert status.count("Success") == 2, status
-
-    runs = check_experiments_in_store(repo, env, {**names, temp_name: "train.lr=4e-2"})
-    assert len(runs) == 3
-    check_registry(store_client(repo), runs)
 
 
 WORKER = """

@@ -27,6 +27,13 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import VENV_BIN, copy_trained_repo, run
+from tests.experiments import (
+    check_experiments_in_store,
+    check_registry,
+    queue,
+    training_runs,
+    wait_for_queue,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -174,25 +181,25 @@ def runs_by_stage(client: MlflowClient) -> dict[str, list]:
     return grouped
 
 
-def check_training_run_on_server(client: MlflowClient, repo: Path, url: str, artifacts: Path):
-    """The training run's params, metrics, artifacts and models, as the server holds them."""
-    training = runs_by_stage(client)["train"][-1]
+def check_run_on_server(training, url: str, artifacts: Path) -> None:
+    """A training run's artifacts and models, as the server holds them and `mlflow ui` shows
+    them: its page, and the runs and artifacts the page asks the server for."""
+    client = MlflowClient(tracking_uri=url)
     run_id = training.info.run_id
-    assert training.info.status == "FINISHED"
-    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
-    for name, value in metrics.items():
-        assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
-    assert training.data.params["max_iters"] == "300"
     # Artifacts went through the server (mlflow-artifacts:/) into its destination directory.
     assert training.info.artifact_uri.startswith("mlflow-artifacts:/")
     listed = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.csv", "metrics.json", "next_char_probs.png", "samples"} <= listed
-    assert list(artifacts.rglob("loss_curve.csv")) and list(artifacts.rglob("MLmodel"))
-    assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
-    logged = {m.name for m in client.search_logged_models([training.info.experiment_id])}
-    assert {"model", "generator"} <= logged
+    assert list((artifacts / training.info.experiment_id / run_id).rglob("loss_curve.csv"))
+    logged = client.search_logged_models(
+        [training.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    assert {m.name for m in logged} == {"model", "generator"}
+    for model in logged:
+        assert list(
+            (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("MLmodel")
+        )
 
-    # What `mlflow ui` shows: its page, and the runs and artifacts its page asks the server for.
     status, page = http(f"{url}/")
     assert status == 200 and "<html" in page.lower() and "Unable to display" not in page
     status, body = http(
@@ -201,8 +208,9 @@ def check_training_run_on_server(client: MlflowClient, repo: Path, url: str, art
     )
     assert status == 200 and run_id in body
     status, body = http(f"{url}/get-artifact?path=metrics.json&run_uuid={run_id}")
-    assert status == 200 and json.loads(body) == metrics
-    return training
+    assert status == 200
+    for name, value in json.loads(body).items():
+        assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
 
 
 def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgres_uri):
@@ -222,7 +230,14 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
             "vocab": 1,
             "train": 1,
         }
-        training = check_training_run_on_server(client, repo, url, tmp_path / "artifacts")
+        assert {r.info.status for found in stages.values() for r in found} == {"FINISHED"}
+        (training,) = stages["train"]
+        metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+        for name, value in metrics.items():
+            assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
+        assert training.data.params["max_iters"] == "300"
+        check_run_on_server(training, url, tmp_path / "artifacts")
+        assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
         (version,) = client.search_model_versions("name = 'bigram-shakespeare'")
         assert version.version == "1" and version.run_id == training.info.run_id
         assert float(version.tags["val_loss"]) == pytest.approx(
@@ -262,19 +277,30 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
             assert status == 400 and "'@', 'é'" in json.loads(body)["message"]
 
 
-def test_pipeline_through_a_server_on_sqlite_then_fails_fast_when_it_stops(trained_repo, tmp_path):
+def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_stopped(
+    trained_repo, tmp_path
+):
+    """`dvc queue start -j 2` with MLFLOW_TRACKING_URI at a SQLite-backed server: both
+    experiments land there whole; once the server is gone a stage stops at once, naming it."""
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     with mlflow_server(backend, tmp_path, trained_repo[1]) as url:
         env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
-        run(["dvc", "exp", "run", "-S", "train.lr=3e-2"], repo, env)
-        client = MlflowClient(tracking_uri=url)
-        training = check_training_run_on_server(client, repo, url, tmp_path / "artifacts")
-        assert training.data.params["lr"] == "0.03"
-        assert training.data.tags["dvc.exp_name"] == training.info.run_name
+        names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
+        run(["dvc", "queue", "start", "-j", "2"], repo, env)
+        status = wait_for_queue(repo, env, experiments=2)
+        assert status.count("Success") == 2, status
 
-    # The server is gone: the first stage that needs it stops at once, naming it.
-    result = run(["dvc", "exp", "run", "-S", "train.lr=4e-2"], repo, env, check=False, timeout=90)
+        client = MlflowClient(tracking_uri=url)
+        runs = check_experiments_in_store(client, repo, env, names)
+        assert len(training_runs(client)) == 2
+        check_registry(client, runs)
+        for training in runs:
+            check_run_on_server(training, url, tmp_path / "artifacts")
+        assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+
+    stage = ["dvc", "repro", "--force", "--single-item", "train"]
+    result = run(stage, repo, env, check=False, timeout=90)
     assert result.returncode != 0
     assert f"error: MLflow tracking server {url} is unreachable" in result.stderr
     assert "Traceback" not in result.stderr
