@@ -118,9 +118,12 @@ def register_version(
     """
     name = params.tracking.registered_model_name
     train = params.train
-    tags = {key: f"{value:.6f}" for key, value in metrics.items()}
-    tags.update({"lr": str(train.lr), "batch_size": str(train.batch_size)})
-    tags["max_iters"] = str(train.max_iters)
+    tags = {
+        **{key: f"{value:.6f}" for key, value in metrics.items()},
+        "lr": str(train.lr),
+        "batch_size": str(train.batch_size),
+        "max_iters": str(train.max_iters),
+    }
     if tracking.dvc_experiment_name():
         tags["dvc.exp_name"] = tracking.dvc_experiment_name()
     try:

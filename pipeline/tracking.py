@@ -92,8 +92,9 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
     """Create or migrate the store and the experiment once, under a file lock.
 
     Several processes (`dvc queue start -j 4`) may open a new store at once: without the lock
-    they race to create tables and the experiment. WAL mode lets readers and one writer work
-    side by side; it is a property of the file, so setting it once is enough.
+    they race to create tables and the experiment, and fail ("table ... already exists"). WAL
+    mode lets readers and one writer work side by side; it is a property of the file, so
+    setting it once is enough.
     """
     from filelock import FileLock
 
@@ -109,6 +110,8 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
                 f"move it aside to start a new store, or set {TRACKING_URI_ENV}"
             ) from None
         artifact_location = (db_path.parent / ARTIFACTS_DIR).as_uri()
+        # The first MLflow call of the process opens MLflow's store, which creates the tables
+        # of a new store, or adds those an older MLflow lacked: that too must happen here.
         return _get_or_create_experiment(experiment_name, artifact_location, uri=str(db_path))
 
 
