@@ -8,6 +8,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -57,32 +58,43 @@ class ChildRun:
     stderr: str
 
 
+# Runs a command as its child and writes the child's peak RSS (kB) to a file. A child forked
+# from this (large) process would count this process's pages, shared until exec, in its peak;
+# forked from this small launcher it counts the launcher's few MB at most.
+PEAK_RSS_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(
     command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 900
 ) -> ChildRun:
-    """Run a command to completion: its wall time and its own peak resident memory.
-
-    os.wait4 returns the resource usage of that one child, where RUSAGE_CHILDREN would give
-    the largest of all the children waited for so far.
-    """
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+    """Run a command to completion: its wall time and its own peak resident memory."""
+    with (
+        tempfile.TemporaryFile() as stdout,
+        tempfile.TemporaryFile() as stderr,
+        tempfile.NamedTemporaryFile("r") as peak_file,
+    ):
+        launcher = [sys.executable, "-I", "-S", "-c", PEAK_RSS_LAUNCHER, peak_file.name]
         started = time.perf_counter()
-        child = subprocess.Popen(command, cwd=cwd, env=env, stdout=stdout, stderr=stderr)
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - started > timeout_s:
-                child.kill()
-            time.sleep(0.002)
+        child = subprocess.run(
+            [*launcher, *command], cwd=cwd, env=env, stdout=stdout, stderr=stderr, timeout=timeout_s
+        )
         wall_s = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
         stdout.seek(0)
         stderr.seek(0)
+        peak_kb = peak_file.read().strip()
         result = ChildRun(
             returncode=child.returncode,
             wall_s=wall_s,
-            peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports kilobytes.
+            peak_rss_bytes=int(peak_kb or 0) * 1024,  # Linux reports kilobytes.
             stdout=stdout.read().decode(errors="replace"),
             stderr=stderr.read().decode(errors="replace"),
         )
