@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.download import CORPUS_PATH, DOWNLOAD_INFO_PATH
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.params import load_params
 
 VOCAB_DIR = Path("data/vocab")
@@ -97,7 +97,10 @@ def encode_split(
 def main() -> None:
     params = load_params()
     download_info = read_json(DOWNLOAD_INFO_PATH)
-    with tracking.stage_run("vocab", params, run_name="vocab") as run:
+    with (
+        tracking.stage_run("vocab", params, run_name="vocab") as run,
+        outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
+    ):
         mlflow.log_param("data.train_fraction", params.data.train_fraction)
         counts = count_characters(CORPUS_PATH)
         chars = [chr(code) for code in np.flatnonzero(counts)]
