@@ -53,10 +53,10 @@ def read_codepoints(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.n
         raise PipelineError(f"{path} is missing: run `dvc repro download`") from None
 
 
-def count_characters(path: Path) -> np.ndarray:
+def count_characters(path: Path, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     """How often each code point occurs: an array indexed by code point."""
     counts = np.zeros(UNICODE_SIZE, dtype=np.int64)
-    for codepoints in read_codepoints(path):
+    for codepoints in read_codepoints(path, chunk_bytes):
         counts += np.bincount(codepoints, minlength=UNICODE_SIZE)
     return counts
 
@@ -69,7 +69,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_split(
-    path: Path, chars: list[str], num_train: int, num_val: int, train_out: Path, val_out: Path
+    path: Path,
+    chars: list[str],
+    num_train: int,
+    num_val: int,
+    train_out: Path,
+    val_out: Path,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
     """Encode the corpus into two .npy token files, first num_train tokens then the rest."""
     dtype = token_dtype(len(chars))
@@ -79,7 +85,7 @@ def encode_split(
         train = np.lib.format.open_memmap(train_tmp, mode="w+", dtype=dtype, shape=(num_train,))
         val = np.lib.format.open_memmap(val_tmp, mode="w+", dtype=dtype, shape=(num_val,))
         position = 0
-        for codepoints in read_codepoints(path):
+        for codepoints in read_codepoints(path, chunk_bytes):
             tokens = lookup[codepoints]
             end = position + len(tokens)
             if position < num_train:

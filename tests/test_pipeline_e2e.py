@@ -131,9 +131,7 @@ def test_dvc_exp_run_makes_a_named_mlflow_run(repo_copy):
     # `dvc exp show` lists the experiment's params and metrics beside the baseline's,
     # and its metrics are the MLflow run's.
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    experiments = [
-        exp for baseline in shown for exp in (baseline.get("experiments") or [])
-    ]
+    experiments = [exp for baseline in shown for exp in (baseline.get("experiments") or [])]
     assert any(exp.get("name") == exp_name for exp in experiments), shown
     exp_data = next(exp for exp in experiments if exp.get("name") == exp_name)["revs"][0]["data"]
     exp_metrics = exp_data["metrics"]["data/evaluate/metrics.json"]["data"]
