@@ -83,7 +83,9 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise PipelineError naming the first bad param."""
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path} must be a mapping of sections (data, train, sample, tracking)")
+        raise PipelineError(
+            f"{path}: must be a mapping of sections (data, train, sample, tracking)"
+        )
     _reject_unknown_keys(raw, [field.name for field in dataclasses.fields(Params)], "", path)
     sections = {}
     for section in dataclasses.fields(Params):
@@ -109,8 +111,10 @@ def _read_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root") from None
     except YAMLError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise PipelineError(f"{path} is not valid YAML: {first_line}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        raise PipelineError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
 def _reject_unknown_keys(values: dict, known: list[str], prefix: str, path: Path) -> None:
