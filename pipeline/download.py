@@ -112,7 +112,8 @@ def download_verified(
             announced = getattr(response, "headers", {}).get("Content-Length")
             with open(tmp_path, "wb") as out:
                 try:
-                    while chunk := response.read(CHUNK_BYTES):
+                    # read1 returns what has arrived, so a stalled transfer shows its progress.
+                    while chunk := response.read1(CHUNK_BYTES):
                         digest.update(chunk)
                         out.write(chunk)
                         size += len(chunk)

@@ -35,18 +35,22 @@ UNICODE_SIZE = 0x110000
 def read_codepoints(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """Yield the corpus's Unicode code points as uint32 arrays, one chunk at a time."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    offset = 0
+    bytes_read = 0
+    # Bytes of a character split across chunks wait in the decoder; they start its next input.
+    pending = 0
     try:
         with open(path, "rb") as corpus:
             while raw := corpus.read(chunk_bytes):
+                pending = len(decoder.getstate()[0])
                 text = decoder.decode(raw)
-                offset += len(raw)
+                bytes_read += len(raw)
                 if text:
                     yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            pending = len(decoder.getstate()[0])
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
         raise PipelineError(
-            f"{path} is not UTF-8 text (bad byte near offset {offset - len(raw) + error.start}); "
+            f"{path} is not UTF-8 text (bad byte at offset {bytes_read - pending + error.start}); "
             "check the corpus source and data.sha256"
         ) from None
     except FileNotFoundError:
