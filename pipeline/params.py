@@ -21,7 +21,7 @@ PARAMS_FILE = Path("params.yaml")
 CORPUS_URL_ENV = "BIGRAM_CORPUS_URL"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRAIN_METHODS = ("minibatch", "counts")
-MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit integer.
+MAX_SEED = 2**63  # Every torch and numpy generator takes seeds in [0, 2**63).
 
 
 @dataclass(frozen=True)

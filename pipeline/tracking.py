@@ -135,8 +135,8 @@ def _check_sqlite_store(db_path: Path) -> None:
             f"MLflow store {db_path} is not a SQLite database; move it aside to start a new "
             f"store, or set {TRACKING_URI_ENV}"
         )
-    # The header's page count is valid when its two change counters agree; pages committed
-    # since the last checkpoint live in the -wal file, so the size only tells without one.
+    # The header's page count is valid when its two change counters agree. While a -wal file
+    # holds commits not yet copied back, the main file may lag it: compare sizes only without.
     page_size = int.from_bytes(header[16:18], "big")
     expected_bytes = (65536 if page_size == 1 else page_size) * int.from_bytes(header[28:32], "big")
     actual_bytes = db_path.stat().st_size

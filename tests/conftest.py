@@ -180,6 +180,11 @@ def assert_one_line_error(result, *mentions: str) -> str:
     return lines[0]
 
 
+def files_in(directory: Path) -> list[str]:
+    """The names in a directory, temporary files included; [] when it does not exist."""
+    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+
+
 def mlflow_runs(repo: Path) -> list:
     """Every run in the repo's MLflow store, oldest first."""
     from mlflow import MlflowClient

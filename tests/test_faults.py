@@ -26,17 +26,13 @@ from pipeline.vocab import count_characters
 from tests.conftest import (
     VENV_BIN,
     assert_one_line_error,
+    files_in,
     mlflow_runs,
     run,
     run_stage,
     run_statuses,
     update_params,
 )
-
-
-def files_in(directory: Path) -> list[str]:
-    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
-
 
 # Corpus ------------------------------------------------------------------------------------
 
