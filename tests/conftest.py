@@ -128,22 +128,33 @@ def commit_all(repo: Path, env: dict[str, str], message: str) -> None:
 FAST_TRAIN = {"max_iters": 300, "eval_interval": 100, "lr": 0.02}
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
-    """A throwaway copy of the project with fast training params, committed to git."""
+def make_fast_repo_copy(destination: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
     env = pipeline_env(corpus_url)
-    repo = make_repo_copy(tmp_path / "repo", env)
+    repo = make_repo_copy(destination, env)
     update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
     commit_all(repo, env, "fast params for tests")
     return repo, env
 
 
+@pytest.fixture
+def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A throwaway copy of the project with fast training params, committed to git."""
+    return make_fast_repo_copy(tmp_path / "repo", corpus_url)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def prepared_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
     """A repo copy where `dvc repro vocab` has run: corpus, tokens and an MLflow store exist."""
-    env = pipeline_env(corpus_url)
-    repo = make_repo_copy(tmp_path_factory.mktemp("prepared") / "repo", env)
-    update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
+    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("prepared") / "repo", corpus_url)
     run(["dvc", "repro", "vocab"], repo, env)
     commit_all(repo, env, "download and vocab")
     return repo, env

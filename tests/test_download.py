@@ -34,6 +34,7 @@ from tests.conftest import (
     CORPUS_SHA256,
     assert_one_line_error,
     files_in,
+    free_port,
     mlflow_runs,
     run_stage,
     run_statuses,
@@ -90,14 +91,6 @@ def faulty_server(shared_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port nothing listens on: bound to get a free number, then closed."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
 def silent_server() -> Iterator[str]:
     """A server that accepts connections (the kernel's backlog does) and never answers."""
     with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
@@ -118,8 +111,8 @@ def open_error(url: str, timeout_s: float = 5.0) -> str:
         ("http://corpus.invalid/input.txt", ""),
     ],
 )
-def test_an_unreachable_source_is_retried_then_named(closed_port, url, reason):
-    url = url.format(port=closed_port)
+def test_an_unreachable_source_is_retried_then_named(url, reason):
+    url = url.format(port=free_port())
     message = open_error(url)
     assert f"corpus source {url} is unreachable after 4 attempts" in message
     assert reason in message and "BIGRAM_CORPUS_URL" in message
@@ -213,9 +206,9 @@ def newest_run(repo: Path):
     return mlflow_runs(repo)[-1]
 
 
-def test_the_download_stage_fails_cleanly_on_an_unreachable_source(download_repo, closed_port):
+def test_the_download_stage_fails_cleanly_on_an_unreachable_source(download_repo):
     repo, env = download_repo
-    url = f"http://127.0.0.1:{closed_port}/input.txt"
+    url = f"http://127.0.0.1:{free_port()}/input.txt"
     env["BIGRAM_CORPUS_URL"] = url
 
     result = run_stage("download", repo, env)

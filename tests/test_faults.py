@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests.conftest import (
     VENV_BIN,
     assert_one_line_error,
     files_in,
+    free_port,
     mlflow_runs,
     run,
     run_stage,
@@ -168,9 +168,7 @@ def test_ctrl_c_during_dvc_repro_ends_the_run_killed_and_the_next_repro_succeeds
 
 def test_a_tracking_server_on_a_closed_port_is_named_within_seconds(prepared_copy):
     repo, env = prepared_copy
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    uri = f"http://127.0.0.1:{free_port()}"
     env["MLFLOW_TRACKING_URI"] = uri
 
     # MLflow alone retries for minutes; the time limit here is that of a hang, not a benchmark.
