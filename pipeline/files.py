@@ -14,6 +14,17 @@ from typing import IO, Any
 from pipeline.errors import PipelineError
 
 
+def _umask_file_mode() -> int:
+    """The mode open() would give a new file (0o644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# mkstemp creates files readable by their owner only; outputs should look like any other file.
+FILE_MODE = _umask_file_mode()
+
+
 def process_is_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (signal 0 checks, sends nothing)."""
     try:
@@ -51,6 +62,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -274,6 +274,19 @@ def test_atomic_writes_leave_the_whole_file_or_nothing(tmp_path):
     assert files_in(output.parent) == ["model.pt"] and output.read_bytes() == b"a whole model"
 
 
+def test_atomic_writes_give_outputs_the_usual_file_mode(tmp_path):
+    # The temporary file is private while written; the output follows the umask like open().
+    previous = os.umask(0o022)
+    try:
+        reference = tmp_path / "plain.txt"
+        reference.write_text("x")
+        with atomic_path(tmp_path / "atomic.txt") as tmp:
+            tmp.write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     output = tmp_path / "input.txt"
     stale = tmp_path / f".input.txt.{dead_pid()}.abc123.tmp"
