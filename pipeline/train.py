@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline import tracking
 from pipeline.data import batch_at, bigram_counts, load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.vocab import MANIFEST_PATH, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
@@ -268,7 +268,11 @@ def main() -> None:
     model = BigramLanguageModel(len(vocab)).to(device)
     curve: list[dict] = []
 
-    with tracking.stage_run("train", params, run_name=tracking.dvc_experiment_name()) as run:
+    with (
+        tracking.stage_run("train", params, run_name=tracking.dvc_experiment_name()) as run,
+        # Ctrl-C or an error after the model is saved must not leave it without its run.json.
+        outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
+    ):
         log_training_run_inputs(params, manifest, device)
         progress = tqdm(
             total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr

@@ -18,7 +18,6 @@ from pipeline.data import bigram_counts, conditional_entropy, get_batch, to_devi
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
 from pipeline.train import eval_steps, exact_losses, train_minibatch, train_on_counts
-from pipeline.vocab import count_characters, encode_split
 from tests.conftest import REPO_ROOT
 
 VOCAB_SIZE = 65
@@ -187,27 +186,6 @@ def test_method_counts_reaches_the_bigram_optimum(shakespeare_counts):
     assert eval_points == eval_steps(3000, 300)
     gap = bigram_loss_from_counts(weights, shakespeare_counts).item() - optimum
     assert 0 <= gap < 1e-3
-
-
-def test_encode_split_writes_the_same_tokens_as_a_direct_encoding(tmp_path: Path):
-    # Over 1 MB of mixed one- to four-byte characters: chunks end inside characters and
-    # the train/val cut falls inside a chunk.
-    alphabet = np.array(list("ab \nçé€🙂"))
-    text = "".join(np.random.default_rng(0).choice(alphabet, size=700_000))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(text, encoding="utf-8")
-    counts = count_characters(corpus)
-    chars = [chr(code) for code in np.flatnonzero(counts)]
-    assert chars == sorted(set(text)) and counts.sum() == len(text)
-    num_train = int(0.9 * len(text))
-    train_path, val_path = tmp_path / "train.npy", tmp_path / "val.npy"
-    encode_split(corpus, chars, num_train, len(text) - num_train, train_path, val_path)
-    index = {char: i for i, char in enumerate(chars)}
-    expected = np.array([index[char] for char in text], dtype=np.uint8)
-    train, val = np.load(train_path, mmap_mode="r"), np.load(val_path, mmap_mode="r")
-    assert train.dtype == np.uint8 and len(train) == num_train
-    assert np.array_equal(train, expected[:num_train])
-    assert np.array_equal(val, expected[num_train:])
 
 
 def test_download_and_vocab_stages_never_import_torch(tmp_path: Path, corpus_url: str):
