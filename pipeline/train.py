@@ -140,7 +140,9 @@ class CudaGraphStep:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, forward_backward_update: Callable[[], None], optimizer):
+    def __init__(
+        self, forward_backward_update: Callable[[], None], optimizer: torch.optim.Optimizer
+    ):
         self.forward_backward_update = forward_backward_update
         self.optimizer = optimizer
         self.steps_run = 0
