@@ -11,6 +11,9 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
 
+# Tokens per bincount in bigram_counts: 4M tokens make 16 MB of int32 pair ids.
+COUNT_CHUNK_TOKENS = 1 << 22
+
 
 def load_vocab(path: Path) -> list[str]:
     chars = read_json(path)["chars"]
@@ -18,18 +21,29 @@ def load_vocab(path: Path) -> list[str]:
 
 
 def load_tokens(path: Path) -> np.ndarray:
-    """Memory-map a token file written by the vocab stage (a .npy of small unsigned ints)."""
+    """Memory-map a token file written by the vocab stage (a .npy of small unsigned ints).
+
+    Copy-on-write ("c") rather than read-only, because torch tensors need writable memory;
+    nothing writes to it, and the file itself is never changed.
+    """
     try:
-        return np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="c")
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run `dvc repro vocab` to rebuild it") from None
     except ValueError as error:
         raise PipelineError(f"{path} is not a token file ({error}): rerun `dvc repro`") from None
 
 
-def to_device_tokens(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
-    # int64 because embedding lookups and fancy indexing take long indices.
-    return torch.from_numpy(np.asarray(tokens, dtype=np.int64)).to(device)
+def to_device_tokens(tokens: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """The tokens as a tensor on device, kept narrow: uint8 for up to 256 characters.
+
+    On the CPU a uint8 tensor shares the memory-mapped file's pages, so a corpus of any size
+    costs no copy; batches and counts widen only the tokens they use to int64. Wider unsigned
+    dtypes have few torch kernels, so those tokens become int32.
+    """
+    if tokens.dtype != np.uint8:
+        tokens = tokens.astype(np.int32)
+    return torch.from_numpy(tokens).to(device)
 
 
 def get_batch(
@@ -38,22 +52,37 @@ def get_batch(
     block_size: int,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (B, T) inputs and their next-token targets, drawn on the tokens' device.
-
-    One gather of (B, T+1) windows replaces a Python loop over batch rows.
-    """
+    """Random (B, T) inputs and their next-token targets, drawn on the tokens' device."""
     starts = torch.randint(
         len(tokens) - block_size, (batch_size,), device=tokens.device, generator=generator
     )
-    offsets = torch.arange(block_size + 1, device=tokens.device)
-    windows = tokens[starts.unsqueeze(1) + offsets]
-    return windows[:, :-1], windows[:, 1:]
+    return batch_at(tokens, starts, block_size)
 
 
-def bigram_counts(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(V, V) float matrix: counts[i, j] = how often token j follows token i."""
-    pair_ids = tokens[:-1] * vocab_size + tokens[1:]
-    counts = torch.bincount(pair_ids, minlength=vocab_size * vocab_size)
+def batch_at(
+    tokens: torch.Tensor, starts: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) int64 inputs tokens[s : s + T] and targets tokens[s + 1 : s + T + 1] per start s.
+
+    One gather per tensor replaces the lecture's Python loop over batch rows.
+    """
+    positions = starts.unsqueeze(1) + torch.arange(block_size, device=tokens.device)
+    return tokens[positions].long(), tokens[positions + 1].long()
+
+
+def bigram_counts(
+    tokens: torch.Tensor, vocab_size: int, chunk_tokens: int = COUNT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """(V, V) float matrix: counts[i, j] = how often token j follows token i.
+
+    One pass over the tokens, a chunk at a time, so that the pair ids never take more than a
+    few tens of MB whatever the corpus size. The ids are int32 (V * V < 2**31 for any V whose
+    count matrix fits in memory), which makes the pass several times faster than int64.
+    """
+    counts = torch.zeros(vocab_size * vocab_size, dtype=torch.int64, device=tokens.device)
+    for start in range(0, len(tokens) - 1, chunk_tokens):
+        chunk = tokens[start : start + chunk_tokens + 1].int()
+        counts += torch.bincount(chunk[:-1] * vocab_size + chunk[1:], minlength=len(counts))
     return counts.view(vocab_size, vocab_size).to(torch.float64)
 
 

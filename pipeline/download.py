@@ -3,12 +3,17 @@
 The source is params.yaml's ``data.url``, or ``$BIGRAM_CORPUS_URL`` (an http(s) URL, a file://
 URL or a local path) on offline machines and mirrors; the checksum applies either way. The
 corpus is streamed to a temporary file beside the output and renamed into place only once
-verified, so the output path never holds a partial or unverified file.
+verified, so the output path never holds a partial or unverified file. An unreachable source
+is retried 3 times with doubling pauses; ``$BIGRAM_DOWNLOAD_TIMEOUT_S`` (default 30) and
+``$BIGRAM_DOWNLOAD_BACKOFF_S`` (the first pause, default 1) tune that for slow or flaky links.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import math
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -27,60 +32,101 @@ CORPUS_PATH = Path("data/raw/input.txt")
 DOWNLOAD_INFO_PATH = Path("data/raw/download.json")
 
 CHUNK_BYTES = 1 << 20
-TIMEOUT_S = 30
-RETRY_DELAYS_S = (1.0, 2.0, 4.0)
+# Network knobs, from the environment because they do not change the corpus (DVC ignores them):
+# seconds to wait for the server, and the first pause before a retry (then doubled each time).
+TIMEOUT_ENV = "BIGRAM_DOWNLOAD_TIMEOUT_S"
+BACKOFF_ENV = "BIGRAM_DOWNLOAD_BACKOFF_S"
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_BACKOFF_S = 1.0
+RETRIES = 3
+# A local source (path or file:// URL) that is missing or unreadable: retrying will not help.
+LOCAL_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
-def open_source(source: str) -> BinaryIO:
+def seconds_from_env(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise PipelineError(f"{name} must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
+def retry_delays(backoff_s: float) -> tuple[float, ...]:
+    return tuple(backoff_s * 2**attempt for attempt in range(RETRIES))
+
+
+def open_source(source: str, timeout_s: float) -> BinaryIO:
     """Open an http(s) URL, a file:// URL or a local path for streaming reads."""
     scheme = urllib.parse.urlparse(source).scheme
     if scheme in ("http", "https", "file"):
-        return urllib.request.urlopen(source, timeout=TIMEOUT_S)
+        return urllib.request.urlopen(source, timeout=timeout_s)
     return open(source, "rb")
 
 
-def open_with_retries(source: str, retry_delays_s=RETRY_DELAYS_S) -> BinaryIO:
-    """Open the source, retrying with back-off when it is unreachable or answers 5xx."""
+def open_with_retries(source: str, timeout_s: float, retry_delays_s: tuple[float, ...]) -> BinaryIO:
+    """Open the source, retrying with back-off when it is unreachable or answers 5xx or 429."""
     for attempt in range(len(retry_delays_s) + 1):
+        last_attempt = attempt == len(retry_delays_s)
         try:
-            return open_source(source)
+            return open_source(source, timeout_s)
         except urllib.error.HTTPError as error:
-            if error.code < 500 or attempt == len(retry_delays_s):
+            if not (error.code >= 500 or error.code == 429) or last_attempt:
                 raise PipelineError(
                     f"corpus download from {source} failed with HTTP {error.code} {error.reason}; "
                     f"check data.url in params.yaml or {CORPUS_URL_ENV}"
                 ) from None
-        except FileNotFoundError:
-            raise PipelineError(
-                f"corpus source {source} does not exist; check data.url or {CORPUS_URL_ENV}"
-            ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-            if attempt == len(retry_delays_s):
-                reason = getattr(error, "reason", error)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", error)
+            if isinstance(reason, LOCAL_FILE_ERRORS):
+                raise PipelineError(
+                    f"corpus source {source} cannot be read ({reason.strerror}); "
+                    f"check data.url in params.yaml or {CORPUS_URL_ENV}"
+                ) from None
+            if last_attempt:
                 raise PipelineError(
                     f"corpus source {source} is unreachable after {attempt + 1} attempts "
-                    f"({reason}); offline, point {CORPUS_URL_ENV} at a mirror, a file:// URL "
-                    "or a local copy"
+                    f"({reason or type(error).__name__}); offline, point {CORPUS_URL_ENV} at a "
+                    "mirror, a file:// URL or a local copy"
                 ) from None
         time.sleep(retry_delays_s[attempt])
     raise AssertionError("unreachable")
 
 
-def download_verified(source: str, expected_sha256: str, output: Path) -> int:
+def download_verified(
+    source: str,
+    expected_sha256: str,
+    output: Path,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    retry_delays_s: tuple[float, ...] = retry_delays(DEFAULT_BACKOFF_S),
+) -> int:
     """Stream source to output, checking the sha256; return the size in bytes."""
     digest = hashlib.sha256()
     size = 0
     with atomic_path(output) as tmp_path:
-        with open_with_retries(source) as response, open(tmp_path, "wb") as out:
-            try:
-                while chunk := response.read(CHUNK_BYTES):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            except (OSError, urllib.error.URLError) as error:
-                raise PipelineError(
-                    f"corpus download from {source} broke off after {size} bytes ({error}); rerun"
-                ) from None
+        with open_with_retries(source, timeout_s, retry_delays_s) as response:
+            announced = getattr(response, "headers", {}).get("Content-Length")
+            with open(tmp_path, "wb") as out:
+                try:
+                    # read1 returns what has arrived, so a stalled transfer shows its progress.
+                    while chunk := response.read1(CHUNK_BYTES):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+                except (OSError, http.client.HTTPException) as error:
+                    raise PipelineError(
+                        f"corpus download from {source} broke off after {size:,} bytes "
+                        f"({error or type(error).__name__}); rerun `dvc repro download`"
+                    ) from None
+        if announced is not None and announced.isdigit() and size < int(announced):
+            raise PipelineError(
+                f"corpus download from {source} broke off after {size:,} of {int(announced):,} "
+                "bytes (the server closed the connection); rerun `dvc repro download`"
+            )
         actual = digest.hexdigest()
         if actual != expected_sha256.lower():
             raise PipelineError(
@@ -93,11 +139,13 @@ def download_verified(source: str, expected_sha256: str, output: Path) -> int:
 def main() -> None:
     params = load_params()
     source = params.data.source
+    timeout_s = seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
+    delays_s = retry_delays(seconds_from_env(BACKOFF_ENV, DEFAULT_BACKOFF_S))
     with tracking.stage_run("download", params, run_name="download") as run:
         mlflow.log_params({"data.url": params.data.url, "data.sha256": params.data.sha256})
         mlflow.set_tag("corpus_source", source)
         started = time.perf_counter()
-        size = download_verified(source, params.data.sha256, CORPUS_PATH)
+        size = download_verified(source, params.data.sha256, CORPUS_PATH, timeout_s, delays_s)
         seconds = time.perf_counter() - started
         mlflow.log_metrics(
             {

@@ -35,8 +35,9 @@ def stage_entry_point(main: Callable[[], None]) -> Callable[[], None]:
         except PipelineError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(EXIT_ERROR)
-        except (KeyboardInterrupt, StageInterrupted):
-            print("error: interrupted; nothing was written at the stage's outputs", file=sys.stderr)
+        except (KeyboardInterrupt, StageInterrupted) as interruption:
+            how = str(interruption) or "stopped by Ctrl-C (SIGINT)"
+            print(f"error: {how}; no partial output was left, rerun the stage", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper

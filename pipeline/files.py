@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -13,6 +14,39 @@ from typing import IO, Any
 from pipeline.errors import PipelineError
 
 
+def _umask_file_mode() -> int:
+    """The mode open() would give a new file (0o644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# mkstemp creates files readable by their owner only; outputs should look like any other file.
+FILE_MODE = _umask_file_mode()
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks, sends nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # Alive, owned by another user.
+    return True
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Delete temporary files for ``path`` left by writers that died (SIGKILL, power loss).
+
+    Temporary names carry the writer's process id, so a file of a writer still running is kept.
+    """
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name.removeprefix(f".{path.name}.").split(".", 1)[0]
+        if pid.isdigit() and not process_is_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it into place only on success.
@@ -20,11 +54,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
     The rename is atomic on POSIX, so a reader (or a killed process) never sees a partial file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -100,7 +100,7 @@ def load_from_uri(uri: str) -> TextGenerator:
         )
     except MlflowException as error:
         raise PipelineError(
-            f"cannot load model {uri} from the MLflow store {store}: "
+            f"cannot load model {uri} from the MLflow store {tracking.shown_uri(store)}: "
             f"{error.message.splitlines()[0]}"
         ) from None
     return load_mlflow_model(Path(local_dir), uri)

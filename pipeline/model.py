@@ -6,6 +6,7 @@ the model sees only the current character.
 
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 
 import torch
@@ -31,6 +32,17 @@ class BigramLanguageModel(nn.Module):
         loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets.reshape(-1))
         return logits, loss
 
+    def batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """forward()'s mean loss on a (B, T) batch, in fewer and smaller ops (for training).
+
+        Row i of log_softmax(table) holds the log-probability of each token after token i, so
+        the loss is the mean of -log_probs[inputs, targets]: one log-softmax over the V x V table
+        instead of one per batch position. A training step is bound by per-op overhead.
+        """
+        log_probs = F.log_softmax(self.token_embedding_table.weight, dim=-1)
+        # take() on flat (current, next) ids: the cheapest gather, and it syncs no host on CUDA.
+        return -log_probs.take(inputs * self.vocab_size + targets).mean()
+
     def next_token_probs(self, temperature: float = 1.0) -> torch.Tensor:
         """The (V, V) table P[current, next]: softmax of each row of logits."""
         return F.softmax(self.token_embedding_table.weight / temperature, dim=-1)
@@ -45,18 +57,29 @@ class BigramLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Extend each row of idx (B, T) by max_new_tokens sampled tokens; returns (B, T + n).
 
-        The next token depends only on the last one, so the probability table is computed once
-        and each step is one row lookup and one draw: O(n), where feeding the whole growing
-        sequence back (as the lecture's generic generate does) is O(n^2) with the same result.
+        The next token depends only on the last one, so the cumulative probability table is
+        computed once and each draw is a binary search of the current token's row at a
+        uniform random number: O(n), where feeding the whole growing sequence back (as the
+        lecture's generate does) is O(n^2). The draws run in plain Python over lists, as one
+        tensor op per step costs more than the whole draw at this size (V = 65).
         """
-        probs = self.next_token_probs(temperature)
-        batch_size = idx.shape[0]
-        new_tokens = torch.empty(batch_size, max_new_tokens, dtype=torch.long, device=idx.device)
-        current = idx[:, -1]
-        for step in range(max_new_tokens):
-            current = torch.multinomial(probs[current], 1, generator=generator).squeeze(1)
-            new_tokens[:, step] = current
-        return torch.cat([idx, new_tokens], dim=1)
+        cumulative = self.next_token_probs(temperature).double().cumsum(dim=-1).tolist()
+        device = generator.device if generator is not None else torch.device("cpu")
+        uniforms = torch.rand(
+            idx.shape[0], max_new_tokens, generator=generator, device=device, dtype=torch.float64
+        )
+        last_token = self.vocab_size - 1
+        new_tokens = []
+        for current, row_uniforms in zip(idx[:, -1].tolist(), uniforms.tolist(), strict=True):
+            sampled = []
+            for uniform in row_uniforms:
+                row = cumulative[current]
+                # row[-1] is 1 up to rounding; scaling by it keeps every draw inside the row.
+                current = min(bisect.bisect_right(row, uniform * row[-1]), last_token)
+                sampled.append(current)
+            new_tokens.append(sampled)
+        sampled_tensor = torch.tensor(new_tokens, dtype=idx.dtype, device=idx.device)
+        return torch.cat([idx, sampled_tensor.view(idx.shape[0], max_new_tokens)], dim=1)
 
 
 def bigram_loss_from_counts(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

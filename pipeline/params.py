@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ PARAMS_FILE = Path("params.yaml")
 CORPUS_URL_ENV = "BIGRAM_CORPUS_URL"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRAIN_METHODS = ("minibatch", "counts")
+MAX_SEED = 2**63  # Every torch and numpy generator takes seeds in [0, 2**63).
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml; raise PipelineError naming the first bad param."""
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise PipelineError(f"{path} must be a mapping of sections (data, train, sample, tracking)")
+        raise PipelineError(
+            f"{path}: must be a mapping of sections (data, train, sample, tracking)"
+        )
     _reject_unknown_keys(raw, [field.name for field in dataclasses.fields(Params)], "", path)
     sections = {}
     for section in dataclasses.fields(Params):
@@ -107,8 +111,10 @@ def _read_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root") from None
     except YAMLError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise PipelineError(f"{path} is not valid YAML: {first_line}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        raise PipelineError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
 def _reject_unknown_keys(values: dict, known: list[str], prefix: str, path: Path) -> None:
@@ -129,65 +135,69 @@ def _build_section(section_type: type, section_name: str, values: dict, path: Pa
             if field.default is dataclasses.MISSING:
                 raise PipelineError(f"{path}: param '{name}' is required")
             continue
-        kwargs[field.name] = _coerce(values[field.name], field.type, name)
+        kwargs[field.name] = _coerce(values[field.name], field.type, name, path)
     return section_type(**kwargs)
 
 
-def _coerce(value: Any, type_name: str, name: str) -> Any:
+def _coerce(value: Any, type_name: str, name: str, path: Path) -> Any:
     """Check a YAML value against the field's type without lossy casts (3.5 is no int)."""
     # bool is a subclass of int in Python; `batch_size: true` is still a mistake.
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise PipelineError(f"param '{name}' must be an integer, got {value!r}")
+            raise PipelineError(f"{path}: param '{name}' must be an integer, got {value!r}")
         return value
     if type_name == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PipelineError(f"param '{name}' must be a number, got {value!r}")
+            raise PipelineError(f"{path}: param '{name}' must be a number, got {value!r}")
         return float(value)
     if type_name == "str":
         if not isinstance(value, str):
-            raise PipelineError(f"param '{name}' must be a string, got {value!r}")
+            raise PipelineError(f"{path}: param '{name}' must be a string, got {value!r}")
         return value
     raise AssertionError(f"unsupported param type {type_name} for {name}")
 
 
-def _require(condition: bool, name: str, rule: str, value: Any) -> None:
-    if not condition:
-        raise PipelineError(f"param '{name}' must be {rule}, got {value!r}")
-
-
 def _validate(params: Params, path: Path) -> None:
-    data, train, sample = params.data, params.train, params.sample
-    _require(
-        0.0 < data.train_fraction < 1.0, "data.train_fraction", "in (0, 1)", data.train_fraction
-    )
-    _require(
+    def require(condition: bool, name: str, rule: str, value: Any) -> None:
+        if not condition:
+            raise PipelineError(f"{path}: param '{name}' must be {rule}, got {value!r}")
+
+    data, train, sample, tracking = params.data, params.train, params.sample, params.tracking
+    require(bool(data.url), "data.url", "a URL", data.url)
+    require(
         len(data.sha256) == 64 and all(c in "0123456789abcdef" for c in data.sha256.lower()),
         "data.sha256",
         "a 64-digit hex sha256",
         data.sha256,
     )
-    _require(train.method in TRAIN_METHODS, "train.method", f"one of {TRAIN_METHODS}", train.method)
+    require(
+        0.0 < data.train_fraction < 1.0, "data.train_fraction", "in (0, 1)", data.train_fraction
+    )
+    require(train.method in TRAIN_METHODS, "train.method", f"one of {TRAIN_METHODS}", train.method)
     for name in ("batch_size", "block_size", "max_iters", "eval_interval"):
         value = getattr(train, name)
-        _require(value > 0, f"train.{name}", "a positive integer", value)
-    _require(train.lr > 0, "train.lr", "> 0", train.lr)
-    _require(train.device in DEVICES, "train.device", f"one of {DEVICES}", train.device)
-    _require(sample.num_chars > 0, "sample.num_chars", "a positive integer", sample.num_chars)
-    _require(sample.temperature > 0, "sample.temperature", "> 0", sample.temperature)
-    _require(
+        require(value > 0, f"train.{name}", "a positive integer", value)
+    # YAML reads .nan and .inf as floats; neither is a usable learning rate or temperature.
+    require(math.isfinite(train.lr) and train.lr > 0, "train.lr", "a finite number > 0", train.lr)
+    require(train.device in DEVICES, "train.device", f"one of {DEVICES}", train.device)
+    for name, seed in (("train.seed", train.seed), ("sample.seed", sample.seed)):
+        require(0 <= seed < MAX_SEED, name, "an integer in [0, 2**63)", seed)
+    require(sample.num_chars > 0, "sample.num_chars", "a positive integer", sample.num_chars)
+    require(sample.max_chars > 0, "sample.max_chars", "a positive integer", sample.max_chars)
+    require(
         sample.num_chars <= sample.max_chars,
         "sample.num_chars",
         f"at most sample.max_chars = {sample.max_chars}",
         sample.num_chars,
     )
-    _require(bool(params.tracking.experiment_name), "tracking.experiment_name", "non-empty", "")
-    _require(
-        bool(params.tracking.registered_model_name),
-        "tracking.registered_model_name",
-        "non-empty",
-        "",
+    require(
+        math.isfinite(sample.temperature) and sample.temperature > 0,
+        "sample.temperature",
+        "a finite number > 0",
+        sample.temperature,
     )
+    require(bool(tracking.experiment_name), "tracking.experiment_name", "non-empty", "")
+    require(bool(tracking.registered_model_name), "tracking.registered_model_name", "non-empty", "")
 
 
 _SECTION_TYPES = {

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sqlite3
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError, StageInterrupted
+from pipeline.files import process_is_alive
 from pipeline.params import Params
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -33,6 +37,9 @@ ARTIFACTS_DIR = "mlartifacts"
 # instead of failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
 SERVER_PROBE_TIMEOUT_S = 5
+# Which process runs a run, so that a later stage can end the runs of stages that were killed.
+HOST_TAG = "pipeline.host"
+PID_TAG = "pipeline.pid"
 
 
 def repo_root() -> Path:
@@ -81,7 +88,16 @@ def connect(experiment_name: str) -> str:
     uri = use_store()
     if uri.startswith("sqlite:"):
         return _prepare_sqlite_store(uri, experiment_name)
-    return _get_or_create_experiment(experiment_name, artifact_location=None, uri=uri)
+    return _get_or_create_experiment(experiment_name, artifact_location=None, uri=shown_uri(uri))
+
+
+def shown_uri(uri: str) -> str:
+    """The URI with its password masked, fit for an error message or a log."""
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.password:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def sqlite_path(uri: str) -> Path:
@@ -101,6 +117,7 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
     db_path = sqlite_path(uri)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
+        _check_sqlite_store(db_path)
         try:
             with contextlib.closing(sqlite3.connect(db_path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -111,8 +128,58 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
             ) from None
         artifact_location = (db_path.parent / ARTIFACTS_DIR).as_uri()
         # The first MLflow call of the process opens MLflow's store, which creates the tables
-        # of a new store, or adds those an older MLflow lacked: that too must happen here.
+        # of a new store: that too must happen under the lock.
         return _get_or_create_experiment(experiment_name, artifact_location, uri=str(db_path))
+
+
+def _check_sqlite_store(db_path: Path) -> None:
+    """Refuse a store file that is truncated or has another MLflow version's schema.
+
+    Checked read-only before MLflow opens the file: MLflow would migrate an older store in place,
+    and SQLite reads a truncated file without complaint until a query reaches a missing page.
+    """
+    if not db_path.exists() or db_path.stat().st_size == 0:
+        return  # A new store: MLflow creates its tables.
+    with open(db_path, "rb") as handle:
+        header = handle.read(100)
+    if len(header) < 100 or not header.startswith(b"SQLite format 3\0"):
+        raise PipelineError(
+            f"MLflow store {db_path} is not a SQLite database; move it aside to start a new "
+            f"store, or set {TRACKING_URI_ENV}"
+        )
+    # The header's page count is valid when its two change counters agree. While a -wal file
+    # holds commits not yet copied back, the main file may lag it: compare sizes only without.
+    page_size = int.from_bytes(header[16:18], "big")
+    expected_bytes = (65536 if page_size == 1 else page_size) * int.from_bytes(header[28:32], "big")
+    actual_bytes = db_path.stat().st_size
+    wal = Path(f"{db_path}-wal")
+    has_wal = wal.exists() and wal.stat().st_size > 0
+    if header[24:28] == header[92:96] and not has_wal and actual_bytes < expected_bytes:
+        raise PipelineError(
+            f"MLflow store {db_path} is truncated ({actual_bytes:,} bytes, its header says "
+            f"{expected_bytes:,}); restore it from a backup, or move it aside to start a new store"
+        )
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            found = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.OperationalError:
+        return  # No alembic_version table: a store whose creation MLflow has yet to finish.
+    except sqlite3.DatabaseError as error:
+        raise PipelineError(
+            f"MLflow store {db_path} is not a usable SQLite database ({error}); restore it from "
+            f"a backup, or move it aside to start a new store, or set {TRACKING_URI_ENV}"
+        ) from None
+    # MLflow's own test for an up-to-date schema (SqlAlchemyStore runs it on every open).
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    expected = _get_latest_schema_revision()
+    if "experiments" in tables and found and found[0] != expected:
+        raise PipelineError(
+            f"MLflow store {db_path} has schema {found[0]} but MLflow {mlflow.__version__} "
+            f"needs {expected}: if an older MLflow made it, back it up and run "
+            f"`mlflow db upgrade sqlite:///{db_path}`; if a newer one did, use that version"
+        )
 
 
 def _probe_server(uri: str) -> None:
@@ -125,7 +192,7 @@ def _probe_server(uri: str) -> None:
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise PipelineError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it, "
+            f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}); start it, "
             f"or unset {TRACKING_URI_ENV} to use the local store {STORE_FILE}"
         ) from None
 
@@ -149,14 +216,35 @@ def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str
             raise
         raise PipelineError(
             f"MLflow store {uri} cannot be used ({type(error).__name__}: {_first_line(error)}); "
-            f"if it was made by another MLflow version run `mlflow db upgrade`, "
-            f"or set {TRACKING_URI_ENV}"
+            f"check that it is reachable and {TRACKING_URI_ENV} is right"
         ) from None
 
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def end_runs_of_dead_processes(experiment_id: str) -> None:
+    """End KILLED the runs that stages on this machine left RUNNING when they died unhandled.
+
+    SIGKILL, the out-of-memory killer or a power cut give a stage no chance to end its run;
+    the next stage finds such runs by the host and process id tagged on them.
+    """
+    client = MlflowClient()
+    host = socket.gethostname()
+    left_running = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+    )
+    for run in left_running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not process_is_alive(int(pid)):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
 
 
 @contextlib.contextmanager
@@ -174,17 +262,22 @@ def stage_run(
     Ctrl-C and SIGTERM end it KILLED, any other error FAILED: no run is left RUNNING.
     """
     experiment_id = connect(params.tracking.experiment_name)
+    end_runs_of_dead_processes(experiment_id)
     all_tags = {"stage": stage, "mlflow.source.git.commit": git_commit(), **(tags or {})}
     if dvc_experiment_name():
         all_tags["dvc.exp_name"] = dvc_experiment_name()
     try:
+        if run_id:
+            # The resumed run is this process's now: it must not look abandoned while it runs.
+            for key, value in _process_tags().items():
+                MlflowClient().set_tag(run_id, key, value)
         run = mlflow.start_run(
             run_id=run_id,
             experiment_id=None if run_id else experiment_id,
             run_name=None if run_id else run_name,
             parent_run_id=parent_run_id,
             # A resumed run keeps the tags it was created with (its stage is "train").
-            tags=None if run_id else all_tags,
+            tags=None if run_id else {**all_tags, **_process_tags()},
         )
     except MlflowException as error:
         raise PipelineError(f"cannot start the MLflow {stage} run: {_first_line(error)}") from None
@@ -215,7 +308,7 @@ def model_run(
     except MlflowException:
         raise PipelineError(
             f"the training run {training_run_id} (data/train/run.json) is not in the MLflow "
-            f"store {tracking_uri()}: rerun training with `dvc repro -f train`"
+            f"store {shown_uri(tracking_uri())}: rerun training with `dvc repro -f train`"
         ) from None
     changed = {k: v for k, v in stage_params.items() if k in logged and logged[k] != str(v)}
     if not changed:

@@ -10,6 +10,7 @@ random batches; the loss is read back from the device only there, never per step
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,9 +22,9 @@ from mlflow.data.meta_dataset import MetaDataset
 from tqdm import tqdm
 
 from pipeline import reproducibility, tracking
-from pipeline.data import bigram_counts, get_batch, load_tokens, load_vocab, to_device_tokens
+from pipeline.data import batch_at, bigram_counts, load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import Params, TrainParams, load_params
 from pipeline.vocab import MANIFEST_PATH, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
@@ -35,6 +36,8 @@ RUN_INFO_PATH = TRAIN_DIR / "run.json"
 MODEL_ARTIFACT = "model"
 
 EvalCallback = Callable[[int], None]
+# Loss evaluations L-BFGS may spend per iteration, most of them in its line search.
+LINE_SEARCH_EVALS = 25
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,20 +90,83 @@ def train_minibatch(
     on_eval: EvalCallback,
     progress: tqdm,
 ) -> None:
-    """The lecture's loop: AdamW on random batches; on_eval(step) at each eval point."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    generator = torch.Generator(device=train_tokens.device).manual_seed(config.seed)
+    """The lecture's loop: AdamW on random batches; on_eval(step) at each eval point.
+
+    Batch starts are drawn on the tokens' device into one reused buffer and the loss is never
+    read back per step, so between eval points the device never waits for Python.
+    """
+    device = train_tokens.device
+    use_cuda_graph = device.type == "cuda"
+    # Fused: one kernel for the whole AdamW update instead of a dozen small ones per step.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, fused=True, capturable=use_cuda_graph
+    )
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    starts = torch.empty(config.batch_size, dtype=torch.long, device=device)
+    num_starts = len(train_tokens) - config.block_size
+
+    def forward_backward_update() -> None:
+        inputs, targets = batch_at(train_tokens, starts, config.block_size)
+        model.batch_loss(inputs, targets).backward()
+        optimizer.step()
+
+    if use_cuda_graph:
+        train_step = CudaGraphStep(forward_backward_update, optimizer)
+    else:
+
+        def train_step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward_update()
+
     evals = set(eval_steps(config.max_iters, config.eval_interval))
     for step in range(config.max_iters):
         if step in evals:
             on_eval(step)
-        inputs, targets = get_batch(train_tokens, config.batch_size, config.block_size, generator)
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        torch.randint(num_starts, starts.shape, generator=generator, device=device, out=starts)
+        train_step()
         progress.update()
     on_eval(config.max_iters)
+
+
+class CudaGraphStep:
+    """A training step captured once as a CUDA graph and replayed: one launch per step.
+
+    A bigram step is a dozen tiny kernels, so launching them from Python costs more than
+    running them. As torch.cuda.graph requires, the first WARMUP_STEPS steps run eagerly on a
+    side stream (they are real steps: the optimizer creates its state there); the next step
+    is captured, with gradients set to None first so that backward allocates them from the
+    graph's memory pool, and every later step replays the graph.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(
+        self, forward_backward_update: Callable[[], None], optimizer: torch.optim.Optimizer
+    ):
+        self.forward_backward_update = forward_backward_update
+        self.optimizer = optimizer
+        self.steps_run = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.steps_run < self.WARMUP_STEPS:
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream), warnings.catch_warnings():
+                # capturable=True warns when a step runs uncaptured, as warm-up steps must.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_backward_update()
+            torch.cuda.current_stream().wait_stream(side_stream)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.forward_backward_update()
+            self.graph.replay()  # Capturing records the step without running it.
+        self.steps_run += 1
 
 
 def train_on_counts(
@@ -110,11 +176,14 @@ def train_on_counts(
     on_eval: EvalCallback,
     progress: tqdm,
 ) -> None:
-    """Full-batch L-BFGS on the exact train loss; one step is one L-BFGS iteration."""
+    """Full-batch L-BFGS on the exact train loss; max_iters bounds its iterations.
+
+    One optimizer.step() runs the iterations between two eval points. L-BFGS stops early once
+    the loss or the weights stop changing (its tolerance_change), which on Tiny Shakespeare
+    takes a few hundred iterations, so later calls return almost at once.
+    """
     weights = model.token_embedding_table.weight
-    optimizer = torch.optim.LBFGS(
-        [weights], lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe"
-    )
+    optimizer = torch.optim.LBFGS([weights], lr=1.0, history_size=20, line_search_fn="strong_wolfe")
     counts = train_counts.to(weights.dtype)
 
     def closure() -> torch.Tensor:
@@ -123,12 +192,16 @@ def train_on_counts(
         loss.backward()
         return loss
 
-    evals = set(eval_steps(config.max_iters, config.eval_interval))
-    for step in range(config.max_iters):
-        if step in evals:
-            on_eval(step)
+    evals = eval_steps(config.max_iters, config.eval_interval)
+    for start, stop in zip(evals, evals[1:], strict=False):
+        on_eval(start)
+        # max_eval bounds loss evaluations, line searches included: LBFGS's default (1.25 per
+        # iteration) would stop a run of a few iterations in its first line search.
+        optimizer.param_groups[0].update(
+            max_iter=stop - start, max_eval=LINE_SEARCH_EVALS * (stop - start)
+        )
         optimizer.step(closure)
-        progress.update()
+        progress.update(stop - start)
     on_eval(config.max_iters)
 
 
@@ -208,7 +281,11 @@ def main() -> None:
     model = BigramLanguageModel(len(vocab)).to(device)
     curve: list[dict] = []
 
-    with tracking.stage_run("train", params, run_name=tracking.dvc_experiment_name()) as run:
+    with (
+        tracking.stage_run("train", params, run_name=tracking.dvc_experiment_name()) as run,
+        # Ctrl-C or an error after the model is saved must not leave it without its run.json.
+        outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
+    ):
         log_training_run_inputs(params, manifest, device)
         progress = tqdm(
             total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr

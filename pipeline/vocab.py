@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.download import CORPUS_PATH, DOWNLOAD_INFO_PATH
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.files import atomic_path, read_json, write_json
+from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.params import load_params
 
 VOCAB_DIR = Path("data/vocab")
@@ -28,36 +28,44 @@ TRAIN_TOKENS_PATH = VOCAB_DIR / "train.npy"
 VAL_TOKENS_PATH = VOCAB_DIR / "val.npy"
 MANIFEST_PATH = VOCAB_DIR / "manifest.json"
 
-CHUNK_BYTES = 16 << 20
+# 1 MB of UTF-8 becomes up to 4 MB of code points: small beside any corpus, and large enough
+# that numpy, not Python, does the work.
+CHUNK_BYTES = 1 << 20
 UNICODE_SIZE = 0x110000
 
 
 def read_codepoints(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """Yield the corpus's Unicode code points as uint32 arrays, one chunk at a time."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    offset = 0
+    bytes_read = 0
+    # Bytes of a character split across chunks wait in the decoder; they start its next input.
+    pending = 0
     try:
         with open(path, "rb") as corpus:
             while raw := corpus.read(chunk_bytes):
+                pending = len(decoder.getstate()[0])
                 text = decoder.decode(raw)
-                offset += len(raw)
+                bytes_read += len(raw)
                 if text:
                     yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+            pending = len(decoder.getstate()[0])
             decoder.decode(b"", final=True)
     except UnicodeDecodeError as error:
         raise PipelineError(
-            f"{path} is not UTF-8 text (bad byte near offset {offset - len(raw) + error.start}); "
+            f"{path} is not UTF-8 text (bad byte at offset {bytes_read - pending + error.start}); "
             "check the corpus source and data.sha256"
         ) from None
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run `dvc repro download`") from None
 
 
-def count_characters(path: Path) -> np.ndarray:
+def count_characters(path: Path, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     """How often each code point occurs: an array indexed by code point."""
     counts = np.zeros(UNICODE_SIZE, dtype=np.int64)
-    for codepoints in read_codepoints(path):
-        counts += np.bincount(codepoints, minlength=UNICODE_SIZE)
+    for codepoints in read_codepoints(path, chunk_bytes):
+        # Up to the chunk's largest code point only: a full-range count per chunk costs 9 MB.
+        chunk_counts = np.bincount(codepoints)
+        counts[: len(chunk_counts)] += chunk_counts
     return counts
 
 
@@ -69,35 +77,47 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_split(
-    path: Path, chars: list[str], num_train: int, num_val: int, train_out: Path, val_out: Path
+    path: Path,
+    chars: list[str],
+    num_train: int,
+    num_val: int,
+    train_out: Path,
+    val_out: Path,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> None:
-    """Encode the corpus into two .npy token files, first num_train tokens then the rest."""
+    """Encode the corpus into two .npy token files, first num_train tokens then the rest.
+
+    The files are written sequentially, a chunk at a time: pages written through a memory map
+    would stay resident in this process until the end, costing memory the size of the corpus.
+    """
     dtype = token_dtype(len(chars))
     lookup = np.zeros(UNICODE_SIZE, dtype=dtype)
     lookup[[ord(c) for c in chars]] = np.arange(len(chars), dtype=dtype)
-    with atomic_path(train_out) as train_tmp, atomic_path(val_out) as val_tmp:
-        train = np.lib.format.open_memmap(train_tmp, mode="w+", dtype=dtype, shape=(num_train,))
-        val = np.lib.format.open_memmap(val_tmp, mode="w+", dtype=dtype, shape=(num_val,))
+    with (
+        atomic_path(train_out) as train_tmp,
+        atomic_path(val_out) as val_tmp,
+        open(train_tmp, "wb") as train,
+        open(val_tmp, "wb") as val,
+    ):
+        for out, length in ((train, num_train), (val, num_val)):
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
+            np.lib.format.write_array_header_1_0(out, {**header, "shape": (length,)})
         position = 0
-        for codepoints in read_codepoints(path):
+        for codepoints in read_codepoints(path, chunk_bytes):
             tokens = lookup[codepoints]
-            end = position + len(tokens)
-            if position < num_train:
-                head = min(end, num_train) - position
-                train[position : position + head] = tokens[:head]
-            if end > num_train:
-                start = max(position, num_train)
-                val[start - num_train : end - num_train] = tokens[start - position :]
-            position = end
-        train.flush()
-        val.flush()
-        del train, val
+            head = max(0, min(len(tokens), num_train - position))
+            train.write(tokens[:head])
+            val.write(tokens[head:])
+            position += len(tokens)
 
 
 def main() -> None:
     params = load_params()
     download_info = read_json(DOWNLOAD_INFO_PATH)
-    with tracking.stage_run("vocab", params, run_name="vocab") as run:
+    with (
+        tracking.stage_run("vocab", params, run_name="vocab") as run,
+        outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
+    ):
         mlflow.log_param("data.train_fraction", params.data.train_fraction)
         counts = count_characters(CORPUS_PATH)
         chars = [chr(code) for code in np.flatnonzero(counts)]

@@ -7,6 +7,7 @@ import functools
 import http.server
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -127,14 +128,86 @@ def commit_all(repo: Path, env: dict[str, str], message: str) -> None:
 FAST_TRAIN = {"max_iters": 300, "eval_interval": 100, "lr": 0.02}
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
-    """A throwaway copy of the project with fast training params, committed to git."""
+def make_fast_repo_copy(destination: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
     env = pipeline_env(corpus_url)
-    repo = make_repo_copy(tmp_path / "repo", env)
+    repo = make_repo_copy(destination, env)
     update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
     commit_all(repo, env, "fast params for tests")
     return repo, env
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A throwaway copy of the project with fast training params, committed to git."""
+    return make_fast_repo_copy(tmp_path / "repo", corpus_url)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prepared_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A repo copy where `dvc repro vocab` has run: corpus, tokens and an MLflow store exist."""
+    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("prepared") / "repo", corpus_url)
+    run(["dvc", "repro", "vocab"], repo, env)
+    commit_all(repo, env, "download and vocab")
+    return repo, env
+
+
+@pytest.fixture
+def prepared_copy(prepared_repo, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A private copy of prepared_repo (seconds cheaper than running download and vocab again)."""
+    template, env = prepared_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(template, repo, symlinks=True)
+    # The store records the experiment's artifact directory as an absolute path; point it at the
+    # copy's own, so that artifacts logged here do not land in the template.
+    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db, db:
+        db.execute(
+            "UPDATE experiments SET artifact_location = ?", ((repo / "mlartifacts").as_uri(),)
+        )
+    return repo, dict(env)
+
+
+def run_stage(stage: str, repo: Path, env: dict[str, str], timeout: int = 120):
+    """Run one stage as DVC would (`python -m pipeline.<stage>` in the repo), not checked."""
+    return run([sys.executable, "-m", f"pipeline.{stage}"], repo, env, check=False, timeout=timeout)
+
+
+def assert_one_line_error(result, *mentions: str) -> str:
+    """A failed stage: non-zero exit, stderr exactly one `error: ...` line naming every mention."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for mention in mentions:
+        assert mention in lines[0], (mention, lines[0])
+    return lines[0]
+
+
+def files_in(directory: Path) -> list[str]:
+    """The names in a directory, temporary files included; [] when it does not exist."""
+    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+
+
+def mlflow_runs(repo: Path) -> list:
+    """Every run in the repo's MLflow store, oldest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    return client.search_runs(experiment_ids, order_by=["attributes.start_time ASC"])
+
+
+def run_statuses(repo: Path) -> dict[str, str]:
+    """{run id: status}: a failed or killed stage must leave none RUNNING."""
+    return {found.info.run_id: found.info.status for found in mlflow_runs(repo)}
 
 
 # Left out of copies of a trained repo: each copy gets its own MLflow store and DVC state.
@@ -148,10 +221,7 @@ def trained_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str
     The run was made with a params change not yet committed (train.seed), as runs often are.
     Read-only: tests work in their own copy (copy_trained_repo), sharing this one baseline run.
     """
-    env = pipeline_env(corpus_url)
-    repo = make_repo_copy(tmp_path_factory.mktemp("trained") / "repo", env)
-    update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
-    commit_all(repo, env, "fast params for tests")
+    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("trained") / "repo", corpus_url)
     update_params(repo, train={"seed": 7})
     run(["dvc", "repro"], repo, env)
     commit_all(repo, env, "baseline run")

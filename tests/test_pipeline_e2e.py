@@ -1,9 +1,16 @@
-"""End to end: the real `dvc repro` in a throwaway git repo, corpus from a local HTTP server."""
+"""End to end: the real `dvc repro` in a throwaway git repo, corpus from a local HTTP server.
+
+One module-scoped repo is reproduced once; the tests then read it, and the last one adds an
+experiment to it.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -12,9 +19,18 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.conftest import CORPUS_SHA256, FAST_TRAIN, run
+from tests.conftest import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
 
 pytestmark = pytest.mark.e2e
+STAGES = ("download", "vocab", "train", "evaluate", "sample")
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory, corpus_url) -> tuple[Path, dict[str, str], str]:
+    """A repo copy after one real `dvc repro`; also returns that command's stdout."""
+    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("e2e") / "repo", corpus_url)
+    result = run(["dvc", "repro"], repo, env)
+    return repo, env, result.stdout
 
 
 def client_for(repo: Path) -> MlflowClient:
@@ -33,13 +49,10 @@ def runs_by_stage(client: MlflowClient) -> dict[str, list]:
     return grouped
 
 
-def test_dvc_repro_tracks_everything_in_mlflow(repo_copy):
-    repo, env = repo_copy
-    first = run(["dvc", "repro"], repo, env)
-    for stage in ("download", "vocab", "train", "evaluate", "sample"):
-        assert f"Running stage '{stage}'" in first.stdout
-
-    # Stage outputs.
+def test_every_stage_runs_and_writes_its_outputs(reproduced):
+    repo, _, stdout = reproduced
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in stdout
     assert (repo / "data/raw/input.txt").stat().st_size == 1_115_394
     assert len(json.loads((repo / "data/vocab/vocab.json").read_text())["chars"]) == 65
     curve = pd.read_csv(repo / "data/train/loss_curve.csv")
@@ -51,11 +64,13 @@ def test_dvc_repro_tracks_everything_in_mlflow(repo_copy):
     assert metrics["train_bigram_optimum"] == pytest.approx(2.4519, abs=1e-4)
     assert metrics["train_loss"] >= metrics["train_bigram_optimum"]
     assert metrics["val_loss"] < metrics["uniform_loss"]
+    assert metrics["val_loss"] == pytest.approx(curve["val_loss"].iloc[-1], rel=1e-12)
     assert (repo / "data/evaluate/next_char_probs.png").read_bytes()[:4] == b"\x89PNG"
-    sample = (repo / "data/sample/sample.txt").read_text()
-    assert len(sample) == 200
+    assert len((repo / "data/sample/sample.txt").read_text()) == 200
 
-    # MLflow: one run per stage that owns one, all finished.
+
+def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
+    repo, env, _ = reproduced
     client = client_for(repo)
     stages = runs_by_stage(client)
     assert {stage: len(found) for stage, found in stages.items()} == {
@@ -74,7 +89,8 @@ def test_dvc_repro_tracks_everything_in_mlflow(repo_copy):
     assert params["block_size"] == "8" and params["device"] == "auto"
     assert params["data.sha256"] == CORPUS_SHA256 and params["sample.temperature"] == "1.0"
 
-    # The run's final metrics are exactly metrics.json's, the curve has one point per eval.
+    # The run's final metrics are exactly metrics.json's; the curve has one point per eval.
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     for name, value in metrics.items():
         assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
     history = client.get_metric_history(run_id, "val_loss")
@@ -90,37 +106,84 @@ def test_dvc_repro_tracks_everything_in_mlflow(repo_copy):
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.csv", "vocab.json", "metrics.json", "next_char_probs.png"} <= artifacts
-    assert client.download_artifacts(run_id, "samples/sample.txt", str(repo / "dl")) is not None
-    assert (repo / "dl/sample.txt").read_text() == sample
+    downloaded = client.download_artifacts(run_id, "samples/sample.txt", str(repo / "dl"))
+    assert Path(downloaded).read_text() == (repo / "data/sample/sample.txt").read_text()
 
-    # The logged model loads with MLflow alone and generates.
-    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+
+def test_logged_model_loads_with_mlflow_and_generates(reproduced):
+    repo, _, _ = reproduced
+    training = runs_by_stage(client_for(repo))["train"][0]
+    model = mlflow.pytorch.load_model(f"runs:/{training.info.run_id}/model")
     generated = model.generate(torch.zeros((2, 1), dtype=torch.long), 20)
     assert generated.shape == (2, 21) and int(generated.max()) < 65
 
-    # Nothing changed: nothing reruns and no run is added.
+
+def test_unchanged_repro_runs_nothing_and_dvc_views_work(reproduced):
+    repo, env, _ = reproduced
     second = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout
-    assert sum(len(found) for found in runs_by_stage(client).values()) == 3
+    assert sum(len(found) for found in runs_by_stage(client_for(repo)).values()) == 3
 
-    # DVC's own views of params, metrics and plots work on the outputs.
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
-    assert json.dumps(shown).count("val_loss") >= 1
+    assert "val_loss" in json.dumps(shown)
     run(["dvc", "params", "diff"], repo, env)
     run(["dvc", "plots", "show", "-o", str(repo / "plots")], repo, env)
-    assert (repo / "plots/index.html").exists()
+    assert "loss_curve" in (repo / "plots/index.html").read_text()
 
 
-def test_dvc_exp_run_makes_a_named_mlflow_run(repo_copy):
-    repo, env = repo_copy
-    run(["dvc", "repro"], repo, env)
+def test_mlflow_ui_started_in_the_repo_shows_the_runs(reproduced):
+    repo, env, _ = reproduced
+    port = free_port()
+    # No store flags: `mlflow ui` must find mlflow.db in the directory it is started from.
+    server = subprocess.Popen(
+        ["mlflow", "ui", "--port", str(port)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow ui exited"
+                assert time.monotonic() < deadline, "mlflow ui did not start in 90 s"
+                time.sleep(0.5)
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=bigram"
+        )
+        experiment = json.load(urllib.request.urlopen(request, timeout=10))["experiment"]
+        search = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        runs = json.load(urllib.request.urlopen(search, timeout=10))["runs"]
+        assert len(runs) == 3
+        assert {r["info"]["status"] for r in runs} == {"FINISHED"}
+        training_run_id = json.loads((repo / "data/train/run.json").read_text())["mlflow_run_id"]
+        artifact = urllib.request.urlopen(
+            f"{base}/get-artifact?path=metrics.json&run_uuid={training_run_id}",
+            timeout=10,
+        ).read()
+        assert json.loads(artifact) == json.loads((repo / "data/evaluate/metrics.json").read_text())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_dvc_exp_run_makes_a_named_mlflow_run(reproduced):
+    repo, env, _ = reproduced
     result = run(["dvc", "exp", "run", "-S", "train.lr=1e-2"], repo, env)
     names = re.findall(r"Ran experiment\(s\): (\S+)", result.stdout + result.stderr)
     assert names, result.stdout
     exp_name = names[0]
 
-    client = client_for(repo)
-    trainings = runs_by_stage(client)["train"]
+    trainings = runs_by_stage(client_for(repo))["train"]
     assert len(trainings) == 2
     experiment_run = trainings[-1]
     assert experiment_run.info.run_name == exp_name
@@ -136,4 +199,5 @@ def test_dvc_exp_run_makes_a_named_mlflow_run(repo_copy):
     exp_data = next(exp for exp in experiments if exp.get("name") == exp_name)["revs"][0]["data"]
     exp_metrics = exp_data["metrics"]["data/evaluate/metrics.json"]["data"]
     assert exp_data["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(0.01)
-    assert exp_metrics["val_loss"] == pytest.approx(experiment_run.data.metrics["val_loss"])
+    for name, value in exp_metrics.items():
+        assert experiment_run.data.metrics[name] == pytest.approx(value, rel=1e-12), name

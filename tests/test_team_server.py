@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import VENV_BIN, copy_trained_repo, run
+from tests.conftest import VENV_BIN, copy_trained_repo, free_port, run
 from tests.experiments import (
     check_experiments_in_store,
     check_registry,
@@ -39,12 +38,6 @@ pytestmark = pytest.mark.e2e
 
 MODEL_URI = "models:/bigram-shakespeare/latest"
 START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, str]:

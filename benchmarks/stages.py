@@ -1,0 +1,270 @@
+"""Targets 5 and 6, measured on real stage processes in throwaway copies of the repository.
+
+5. a large corpus through download, vocab and train: throughput and peak memory per stage;
+6. pipeline overhead: `dvc repro` from scratch against the reference script, a no-op
+   `dvc repro`, and each stage's wall time with how much of it is imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ruamel.yaml import YAML
+
+from benchmarks.measure import (
+    REPO_ROOT,
+    Row,
+    fmt_bytes,
+    fmt_seconds,
+    import_seconds,
+    run_child,
+)
+
+STAGES = ("download", "vocab", "train", "evaluate", "sample")
+# Stages that must never load torch: they only move bytes and characters.
+TORCH_FREE_STAGES = ("download", "vocab")
+MAX_PEAK_OVER_CORPUS = 1.5
+MIN_MB_PER_S = 50
+MAX_REPRO_RATIO = 2.5
+MAX_NOOP_REPRO_S = 2.0
+
+
+def child_env(corpus: Path, threads: int) -> dict[str, str]:
+    """This venv first, the corpus as a file:// source, a local MLflow store, no analytics."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        BIGRAM_CORPUS_URL=corpus.as_uri(),
+        DVC_NO_ANALYTICS="1",
+        OMP_NUM_THREADS=str(threads),
+        GIT_AUTHOR_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_NAME="bench",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+    )
+    return env
+
+
+def make_repo_copy(destination: Path, env: dict[str, str]) -> Path:
+    """A fresh git repository holding the working tree's files, with no dvc.lock."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    (destination / "dvc.lock").unlink(missing_ok=True)
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-q", "-m", "benchmark copy"],
+    ):
+        subprocess.run(command, cwd=destination, env=env, check=True, capture_output=True)
+    return destination
+
+
+def build_corpus(source: Path, size_bytes: int, destination: Path) -> str:
+    """Concatenate copies of source until size_bytes is reached; return the sha256."""
+    chunk = source.read_bytes()
+    digest = hashlib.sha256()
+    written = 0
+    with open(destination, "wb") as out:
+        while written < size_bytes:
+            out.write(chunk)
+            digest.update(chunk)
+            written += len(chunk)
+    return digest.hexdigest()
+
+
+def set_corpus_checksum(repo: Path, sha256: str) -> None:
+    yaml = YAML()
+    path = repo / "params.yaml"
+    params = yaml.load(path)
+    params["data"]["sha256"] = sha256
+    yaml.dump(params, path)
+
+
+@dataclass
+class StageRun:
+    wall_s: float
+    imports_s: float
+    peak_rss_bytes: int
+    modules: set[str]
+
+
+def run_stages(repo: Path, env: dict[str, str], stages=STAGES) -> dict[str, StageRun]:
+    """Run stages in order, as `dvc repro` would, each under `python -X importtime`."""
+    runs = {}
+    for stage in stages:
+        result = run_child(
+            [sys.executable, "-X", "importtime", "-m", f"pipeline.{stage}"], repo, env
+        )
+        imports_s, modules = import_seconds(result.stderr)
+        runs[stage] = StageRun(result.wall_s, imports_s, result.peak_rss_bytes, modules)
+    return runs
+
+
+def data_path_seconds(corpus: Path, sha256: str, scratch: Path) -> dict[str, float]:
+    """Seconds each stage spends on the corpus itself, its functions called in this process:
+    the part that scales with the corpus, without imports and MLflow (see target 6)."""
+    from pipeline.data import bigram_counts, load_tokens, to_device_tokens
+    from pipeline.download import download_verified
+    from pipeline.vocab import count_characters, encode_split
+
+    train_path, val_path = scratch / "train.npy", scratch / "val.npy"
+    started = time.perf_counter()
+    download_verified(corpus.as_uri(), sha256, scratch / "input.txt")
+    downloaded = time.perf_counter()
+    counts = count_characters(scratch / "input.txt")
+    chars = [chr(code) for code in np.flatnonzero(counts)]
+    num_train = int(0.9 * counts.sum())
+    encode_split(
+        scratch / "input.txt", chars, num_train, int(counts.sum()) - num_train, train_path, val_path
+    )
+    encoded = time.perf_counter()
+    for path in (train_path, val_path):
+        bigram_counts(to_device_tokens(load_tokens(path), "cpu"), len(chars))
+    counted = time.perf_counter()
+    for path in (scratch / "input.txt", train_path, val_path):
+        path.unlink()
+    return {
+        "download": downloaded - started,
+        "vocab": encoded - downloaded,
+        "train": counted - encoded,
+    }
+
+
+def corpus_rows(corpus: Path, size_mb: int, work_dir: Path, threads: int) -> list[Row]:
+    """Target 5: download, vocab and train on a corpus of size_mb MB (copies of the corpus)."""
+    big_corpus = work_dir / "big-corpus.txt"
+    sha256 = build_corpus(corpus, size_mb * 10**6, big_corpus)
+    size = big_corpus.stat().st_size
+    env = child_env(big_corpus, threads)
+    repo = make_repo_copy(work_dir / "big-corpus-repo", env)
+    set_corpus_checksum(repo, sha256)
+    big = run_stages(repo, env, ("download", "vocab", "train"))
+    small_env = child_env(corpus, threads)
+    small = run_stages(
+        make_repo_copy(work_dir / "small-corpus-repo", small_env),
+        small_env,
+        ("download", "vocab", "train"),
+    )
+    data_path_s = data_path_seconds(big_corpus, sha256, work_dir)
+    big_corpus.unlink()
+    rows = []
+    for stage, run in big.items():
+        rate = size / 1e6 / data_path_s[stage]
+        peak_ratio = run.peak_rss_bytes / size
+        bounded = stage in ("download", "vocab")
+        work = {"download": "fetch + sha256", "vocab": "count + encode", "train": "count bigrams"}
+        rows.append(
+            Row(
+                "5 corpus size",
+                f"{stage}, {size / 1e6:.0f} MB: {work[stage]} throughput (whole stage wall)",
+                "",
+                f"{rate:.0f} MB/s ({fmt_seconds(run.wall_s)})",
+                "",
+                f">= {MIN_MB_PER_S} MB/s" if bounded else "",
+                rate >= MIN_MB_PER_S if bounded else None,
+            )
+        )
+        rows.append(
+            Row(
+                "5 corpus size",
+                f"{stage}, {size / 1e6:.0f} MB: peak RSS (on the "
+                f"{corpus.stat().st_size / 1e6:.1f} MB corpus)",
+                "",
+                f"{fmt_bytes(run.peak_rss_bytes)} = {peak_ratio:.2f}x corpus "
+                f"({fmt_bytes(small[stage].peak_rss_bytes)})",
+                "",
+                f"< {MAX_PEAK_OVER_CORPUS}x corpus" if bounded else "",
+                peak_ratio < MAX_PEAK_OVER_CORPUS if bounded else None,
+            )
+        )
+    return rows
+
+
+def overhead_rows(corpus: Path, work_dir: Path, threads: int, repeats: int) -> list[Row]:
+    """Target 6: a full `dvc repro` against the reference script, run in turns."""
+    env = child_env(corpus, threads)
+    reference_walls, repro_walls = [], []
+    for attempt in range(repeats):
+        reference_run = run_child(
+            [sys.executable, "-m", "benchmarks.reference", str(corpus)], REPO_ROOT, env
+        )
+        reference_walls.append(reference_run.wall_s)
+        repo = make_repo_copy(work_dir / f"repro-{attempt}", env)
+        repro_walls.append(run_child(["dvc", "repro"], repo, env).wall_s)
+    noop_runs = [run_child(["dvc", "repro"], repo, env) for _ in range(3)]
+    assert all("Running stage" not in run.stdout for run in noop_runs), "no-op repro reran"
+    noop_s = statistics.median(run.wall_s for run in noop_runs)
+    reference_s = statistics.median(reference_walls)
+    repro_s = statistics.median(repro_walls)
+    stages = run_stages(make_repo_copy(work_dir / "stages", env), env)
+
+    rows = [
+        Row(
+            "6 overhead",
+            "`dvc repro` with nothing to do",
+            "",
+            fmt_seconds(noop_s),
+            "",
+            f"< {MAX_NOOP_REPRO_S:g} s",
+            noop_s < MAX_NOOP_REPRO_S,
+        ),
+        Row(
+            "6 overhead",
+            "full `dvc repro` from scratch vs the reference script, wall",
+            fmt_seconds(reference_s),
+            fmt_seconds(repro_s),
+            f"{repro_s / reference_s:.1f}x",
+            f"<= {MAX_REPRO_RATIO:g}x",
+            repro_s / reference_s <= MAX_REPRO_RATIO,
+        ),
+    ]
+    for stage, run in stages.items():
+        torch_free = "torch" not in run.modules
+        rows.append(
+            Row(
+                "6 overhead",
+                f"stage {stage}: wall (imports)"
+                + ("; imports torch?" if stage in TORCH_FREE_STAGES else ""),
+                "",
+                f"{fmt_seconds(run.wall_s)} ({fmt_seconds(run.imports_s)}, "
+                f"{run.imports_s / run.wall_s:.0%})"
+                + ("" if stage not in TORCH_FREE_STAGES else "; no" if torch_free else "; yes"),
+                "",
+                "no torch" if stage in TORCH_FREE_STAGES else "",
+                torch_free if stage in TORCH_FREE_STAGES else None,
+            )
+        )
+    total = sum(run.wall_s for run in stages.values())
+    total_imports = sum(run.imports_s for run in stages.values())
+    rows.append(
+        Row(
+            "6 overhead",
+            "all five stages: wall (imports)",
+            "",
+            f"{fmt_seconds(total)} ({fmt_seconds(total_imports)}, {total_imports / total:.0%})",
+            "",
+            "",
+            None,
+        )
+    )
+    return rows

@@ -1,0 +1,214 @@
+"""The fast code paths compute what the plain ones do (speed itself is measured in benchmarks/)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tqdm import tqdm
+
+from pipeline.data import bigram_counts, conditional_entropy, get_batch, to_device_tokens
+from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
+from pipeline.params import TrainParams
+from pipeline.train import eval_steps, exact_losses, train_minibatch, train_on_counts
+from tests.conftest import REPO_ROOT
+
+VOCAB_SIZE = 65
+
+
+def random_tokens(length: int, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(vocab_size, (length,), generator=generator).to(torch.uint8)
+
+
+def trained_with(fit, tokens_or_counts, config: TrainParams) -> tuple[torch.Tensor, list[int]]:
+    torch.manual_seed(config.seed)
+    model = BigramLanguageModel(VOCAB_SIZE)
+    eval_points: list[int] = []
+    fit(model, tokens_or_counts, config, eval_points.append, tqdm(disable=True))
+    return model.token_embedding_table.weight.detach().clone(), eval_points
+
+
+def test_batch_loss_and_its_gradient_equal_forward():
+    torch.manual_seed(0)
+    model = BigramLanguageModel(VOCAB_SIZE)
+    inputs, targets = get_batch(random_tokens(5000).long(), batch_size=32, block_size=8)
+    _, loss = model(inputs, targets)
+    (forward_grad,) = torch.autograd.grad(loss, model.token_embedding_table.weight)
+    fast_loss = model.batch_loss(inputs, targets)
+    (fast_grad,) = torch.autograd.grad(fast_loss, model.token_embedding_table.weight)
+    torch.testing.assert_close(fast_loss, loss)
+    torch.testing.assert_close(fast_grad, forward_grad)
+
+
+def plain_lecture_loop(tokens: torch.Tensor, config: TrainParams) -> torch.Tensor:
+    """The lecture's loop, written the plain way: forward(), unfused AdamW, a batch per step."""
+    torch.manual_seed(config.seed)
+    model = BigramLanguageModel(VOCAB_SIZE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, foreach=False)
+    generator = torch.Generator().manual_seed(config.seed)
+    for _ in range(config.max_iters):
+        inputs, targets = get_batch(tokens, config.batch_size, config.block_size, generator)
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.token_embedding_table.weight.detach()
+
+
+def test_train_minibatch_follows_the_plain_loop():
+    tokens = random_tokens(20_000)
+    config = TrainParams(max_iters=120, eval_interval=50, lr=1e-2)
+    weights, eval_points = trained_with(train_minibatch, tokens, config)
+    assert eval_points == [0, 50, 100, 120]
+    expected = plain_lecture_loop(tokens, config)
+    # Same batches and update rule; only float rounding differs (fused AdamW, one log-softmax).
+    torch.testing.assert_close(weights, expected, rtol=0, atol=1e-5)
+    torch.manual_seed(config.seed)
+    initial = BigramLanguageModel(VOCAB_SIZE).token_embedding_table.weight.detach()
+    assert (weights - initial).abs().max() > 0.1, "training did not move the weights"
+
+
+def test_train_minibatch_is_deterministic_on_cpu():
+    tokens = random_tokens(20_000)
+    config = TrainParams(max_iters=50, eval_interval=25, seed=7)
+    first, _ = trained_with(train_minibatch, tokens, config)
+    second, _ = trained_with(train_minibatch, tokens, config)
+    assert torch.equal(first, second)
+    other_seed, _ = trained_with(train_minibatch, tokens, dataclasses.replace(config, seed=8))
+    assert not torch.equal(first, other_seed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_training_matches_cpu():
+    tokens = random_tokens(20_000)
+    config = TrainParams(max_iters=40, eval_interval=10)
+    cpu_weights, _ = trained_with(train_minibatch, tokens, config)
+    # The CUDA generator draws other batches: compare losses, not weights.
+    torch.manual_seed(config.seed)
+    model = BigramLanguageModel(VOCAB_SIZE).cuda()
+    counts = bigram_counts(tokens.cuda(), VOCAB_SIZE)
+    losses = []
+    train_minibatch(
+        model,
+        tokens.cuda(),
+        config,
+        lambda step: losses.append(exact_losses(model, counts, counts)[0]),
+        tqdm(disable=True),
+    )
+    cpu_loss = bigram_loss_from_counts(cpu_weights, bigram_counts(tokens, VOCAB_SIZE)).item()
+    assert losses[-1] < losses[0]
+    assert losses[-1] == pytest.approx(cpu_loss, abs=0.05)
+
+
+def test_bigram_counts_is_the_same_in_any_chunking():
+    tokens = random_tokens(10_001, seed=3)
+    wide = tokens.long()
+    expected = torch.zeros(VOCAB_SIZE, VOCAB_SIZE, dtype=torch.float64)
+    expected.index_put_((wide[:-1], wide[1:]), torch.ones(len(wide) - 1, dtype=torch.float64), True)
+    for chunk_tokens in (1, 7, 4096, 1 << 22):
+        assert torch.equal(bigram_counts(tokens, VOCAB_SIZE, chunk_tokens), expected)
+
+
+def test_token_tensors_stay_narrow_and_wide_vocabularies_widen():
+    narrow = to_device_tokens(np.array([3, 1, 2], dtype=np.uint8), "cpu")
+    assert narrow.dtype == torch.uint8
+    wide = to_device_tokens(np.array([300, 1, 70_000], dtype=np.uint32), "cpu")
+    assert wide.dtype == torch.int32 and wide.tolist() == [300, 1, 70_000]
+    counts = bigram_counts(to_device_tokens(np.array([299, 0, 299], dtype=np.uint16), "cpu"), 300)
+    assert counts[299, 0] == 1 and counts[0, 299] == 1 and counts.sum() == 2
+
+
+def model_with_probs(probs: torch.Tensor) -> BigramLanguageModel:
+    model = BigramLanguageModel(probs.shape[0])
+    with torch.no_grad():
+        model.token_embedding_table.weight.copy_(probs.log())
+    return model
+
+
+def test_generate_samples_the_model_distribution_in_batches():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 5, generator=generator, dtype=torch.float64)
+    probs[:, 3] = 0.0  # Token 3 can never follow anything.
+    probs /= probs.sum(dim=1, keepdim=True)
+    model = model_with_probs(probs)
+    starts = torch.tensor([[0, 1], [2, 4], [4, 0]])
+    samples = model.generate(starts, 20_000, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (3, 20_002) and samples.dtype == torch.long
+    assert torch.equal(samples[:, :2], starts)
+    assert not (samples[:, 2:] == 3).any()
+    # Empirical transition frequencies of the 60,000 draws against the model's table.
+    pairs = samples[:, 1:-1].reshape(-1) * 5 + samples[:, 2:].reshape(-1)
+    observed = torch.bincount(pairs, minlength=25).view(5, 5).double()
+    observed /= observed.sum(dim=1, keepdim=True).clamp(min=1)
+    visited = observed.sum(dim=1) > 0
+    torch.testing.assert_close(observed[visited], probs[visited], atol=0.02, rtol=0)
+
+
+def test_generate_is_seeded_and_follows_a_deterministic_chain():
+    model = BigramLanguageModel(VOCAB_SIZE)
+    first = model.generate(
+        torch.zeros((2, 1), dtype=torch.long), 50, generator=torch.Generator().manual_seed(5)
+    )
+    again = model.generate(
+        torch.zeros((2, 1), dtype=torch.long), 50, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])
+    # A table where token i is always followed by i + 1 (mod 4).
+    chain = torch.full((4, 4), 1e-12, dtype=torch.float64)
+    chain[torch.arange(4), (torch.arange(4) + 1) % 4] = 1.0
+    sample = model_with_probs(chain / chain.sum(1, keepdim=True)).generate(
+        torch.tensor([[2]]), 9, generator=torch.Generator().manual_seed(0)
+    )
+    assert sample[0].tolist() == [2, 3, 0, 1, 2, 3, 0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def shakespeare_counts(shared_corpus: Path) -> torch.Tensor:
+    text = np.frombuffer(shared_corpus.read_bytes(), dtype=np.uint8)
+    alphabet, tokens = np.unique(text, return_inverse=True)
+    assert len(alphabet) == VOCAB_SIZE
+    train = to_device_tokens(tokens[: int(0.9 * len(tokens))].astype(np.uint8), "cpu")
+    return bigram_counts(train, VOCAB_SIZE)
+
+
+def test_method_counts_reaches_the_bigram_optimum(shakespeare_counts):
+    optimum = conditional_entropy(shakespeare_counts)
+    assert optimum == pytest.approx(2.4519, abs=1e-4)
+    weights, eval_points = trained_with(train_on_counts, shakespeare_counts, TrainParams())
+    assert eval_points == eval_steps(3000, 300)
+    gap = bigram_loss_from_counts(weights, shakespeare_counts).item() - optimum
+    assert 0 <= gap < 1e-3
+
+
+def test_download_and_vocab_stages_never_import_torch(tmp_path: Path, corpus_url: str):
+    """Run the two stages for real, under -X importtime, which lists every module loaded."""
+    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PYTHONPATH=str(REPO_ROOT), BIGRAM_CORPUS_URL=corpus_url)
+    for stage in ("download", "vocab"):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", f"pipeline.{stage}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        imported = {
+            line.rsplit("|", 1)[1].strip()
+            for line in result.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "mlflow" in imported, "importtime output was not captured"
+        assert not {name for name in imported if name.split(".")[0] == "torch"}, stage
+    assert (tmp_path / "data/vocab/train.npy").stat().st_size > 1_000_000
+    assert math.isfinite(float(np.load(tmp_path / "data/vocab/val.npy").mean()))
