@@ -117,7 +117,9 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
     db_path = sqlite_path(uri)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
-        _check_sqlite_store(db_path)
+        if db_path not in _checked_stores:
+            _check_sqlite_store(db_path)
+            _checked_stores.add(db_path)
         try:
             with contextlib.closing(sqlite3.connect(db_path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -130,6 +132,14 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
         # The first MLflow call of the process opens MLflow's store, which creates the tables
         # of a new store: that too must happen under the lock.
         return _get_or_create_experiment(experiment_name, artifact_location, uri=str(db_path))
+
+
+# Stores this process has checked. The check reads the file with open(), and closing it drops
+# every POSIX lock the process holds on the file, its SQLite connections' included: another
+# process closing the store would then take itself for the last user and delete the WAL under
+# this one ("disk I/O error" in parallel experiments). So each process checks a store once,
+# before MLflow connects to it (evaluate and sample connect twice).
+_checked_stores: set[Path] = set()
 
 
 def _check_sqlite_store(db_path: Path) -> None:

@@ -104,6 +104,10 @@ with tracking.stage_run("train", params, run_name=f"worker-{worker}") as active:
     mlflow.log_metric("worker", int(worker))
     info = serving.log_text_generator(weights, vocab, params)
     serving.register_version(info.model_uri, params, active.info.run_id, {"val_loss": 1.0})
+# Later stages reopen the store in a process that has used it, as evaluate does.
+for step in range(3):
+    with tracking.model_run("evaluate", params, active.info.run_id, {}):
+        mlflow.log_metric("evaluated", step, step=step)
 """
 
 
@@ -143,6 +147,7 @@ def test_many_processes_create_and_write_a_new_store_at_once(tmp_path):
     runs = training_runs(client)
     assert sorted(r.info.run_name for r in runs) == [f"worker-{i}" for i in range(workers)]
     assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.metrics["evaluated"] for r in runs} == {2}
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
     assert sorted(int(v.version) for v in versions) == list(range(1, workers + 1))
     assert {v.run_id for v in versions} == {r.info.run_id for r in runs}
@@ -183,4 +188,27 @@ def test_sqlite_store_waits_for_a_writer_instead_of_failing(tmp_path, monkeypatc
     client.log_metric(run_id, "loss", 1.0)
     assert released.is_set(), "the write went through while another process held the lock"
     thread.join()
+    assert client.get_run(run_id).data.metrics["loss"] == 1.0
+
+
+def test_opening_the_store_again_keeps_this_process_hold_on_it(tmp_path, monkeypatch):
+    """evaluate and sample connect twice. The second time must not drop the process's SQLite
+    locks: another process closing the store would then delete the WAL under this one, which
+    parallel experiments met as "disk I/O error"."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment_id = tracking.connect("bigram")
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    run_id = client.create_run(experiment_id).info.run_id  # MLflow now holds a connection
+    tracking.connect("bigram")
+
+    other_process = (
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+        "db.execute('SELECT count(*) FROM runs').fetchone(); db.close()"
+    )
+    subprocess.run([sys.executable, "-c", other_process, str(tmp_path / "mlflow.db")], check=True)
+    assert (tmp_path / "mlflow.db-wal").exists(), "the other process took itself for the last"
+    client.log_metric(run_id, "loss", 1.0)
     assert client.get_run(run_id).data.metrics["loss"] == 1.0
