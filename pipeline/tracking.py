@@ -25,6 +25,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline.errors import PipelineError, StageInterrupted
 from pipeline.files import process_is_alive
@@ -218,7 +219,13 @@ def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str
                     "or set tracking.experiment_name"
                 )
             return experiment.experiment_id
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as error:
+            # Parallel queue workers on a server all find no experiment; one creates it first.
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            return mlflow.get_experiment_by_name(name).experiment_id
     except MlflowException as error:
         raise PipelineError(f"MLflow store {uri} cannot be used: {_first_line(error)}") from None
     except Exception as error:  # SQLAlchemy/driver errors: corrupt file, wrong schema, auth.

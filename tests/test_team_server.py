@@ -20,11 +20,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from pipeline import tracking
 from tests.conftest import VENV_BIN, copy_trained_repo, free_port, run
 from tests.experiments import (
     check_experiments_in_store,
@@ -271,13 +273,20 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
 
 
 def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_stopped(
-    trained_repo, tmp_path
+    trained_repo, tmp_path, monkeypatch
 ):
     """`dvc queue start -j 2` with MLFLOW_TRACKING_URI at a SQLite-backed server: both
     experiments land there whole; once the server is gone a stage stops at once, naming it."""
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     with mlflow_server(backend, tmp_path, trained_repo[1]) as url:
+        # Stages starting together all find no experiment and all create it: one does, and
+        # the others use it (queue workers met this as RESOURCE_ALREADY_EXISTS).
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            experiment_ids = set(pool.map(lambda _: tracking.connect("bigram"), range(4)))
+        assert len(experiment_ids) == 1
+
         env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
         names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
         run(["dvc", "queue", "start", "-j", "2"], repo, env)
