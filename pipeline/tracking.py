@@ -68,17 +68,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def use_store() -> str:
+    """Point MLflow's tracking and registry at the store; return its URI.
+
+    A tracking server that does not answer fails within seconds, naming the URI.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
+    return uri
+
+
 def connect(experiment_name: str) -> str:
     """Point MLflow at the store, create the experiment if needed; return its id.
 
     Fails within seconds, naming the URI, when the store cannot be used.
     """
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    uri = use_store()
     if uri.startswith("sqlite:"):
         return _prepare_sqlite_store(uri, experiment_name)
-    if uri.startswith(("http://", "https://")):
-        _probe_server(uri)
     return _get_or_create_experiment(experiment_name, artifact_location=None, uri=shown_uri(uri))
 
 
@@ -91,7 +100,7 @@ def shown_uri(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def _sqlite_path(uri: str) -> Path:
+def sqlite_path(uri: str) -> Path:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
@@ -99,15 +108,18 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
     """Create or migrate the store and the experiment once, under a file lock.
 
     Several processes (`dvc queue start -j 4`) may open a new store at once: without the lock
-    they race to create tables and the experiment. WAL mode lets readers and one writer work
-    side by side; it is a property of the file, so setting it once is enough.
+    they race to create tables and the experiment, and fail ("table ... already exists"). WAL
+    mode lets readers and one writer work side by side; it is a property of the file, so
+    setting it once is enough.
     """
     from filelock import FileLock
 
-    db_path = _sqlite_path(uri)
+    db_path = sqlite_path(uri)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
-        _check_sqlite_store(db_path)
+        if db_path not in _checked_stores:
+            _check_sqlite_store(db_path)
+            _checked_stores.add(db_path)
         try:
             with contextlib.closing(sqlite3.connect(db_path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -117,7 +129,17 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
                 f"move it aside to start a new store, or set {TRACKING_URI_ENV}"
             ) from None
         artifact_location = (db_path.parent / ARTIFACTS_DIR).as_uri()
+        # The first MLflow call of the process opens MLflow's store, which creates the tables
+        # of a new store: that too must happen under the lock.
         return _get_or_create_experiment(experiment_name, artifact_location, uri=str(db_path))
+
+
+# Stores this process has checked. The check reads the file with open(), and closing it drops
+# every POSIX lock the process holds on the file, its SQLite connections' included: another
+# process closing the store would then take itself for the last user and delete the WAL under
+# this one ("disk I/O error" in parallel experiments). So each process checks a store once,
+# before MLflow connects to it (evaluate and sample connect twice).
+_checked_stores: set[Path] = set()
 
 
 def _check_sqlite_store(db_path: Path) -> None:

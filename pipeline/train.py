@@ -21,7 +21,7 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from tqdm import tqdm
 
-from pipeline import tracking
+from pipeline import reproducibility, tracking
 from pipeline.data import batch_at, bigram_counts, load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
@@ -216,6 +216,7 @@ def log_training_run_inputs(params: Params, manifest: dict, device: torch.device
     # The model's hyperparameters go in bare (lr, batch_size), as MLflow users compare them.
     mlflow.log_params({name.removeprefix("train."): value for name, value in train_params.items()})
     mlflow.log_params(other_params)
+    mlflow.set_tags(reproducibility.record(device))
     mlflow.set_tags(
         {
             "device": str(device),
@@ -234,7 +235,7 @@ def log_training_run_inputs(params: Params, manifest: dict, device: torch.device
 
 
 def log_model(model: BigramLanguageModel, params: Params) -> None:
-    """Log the model in MLflow's PyTorch format, with its vocabulary, and register a version."""
+    """Log the model in MLflow's PyTorch format, with its vocabulary."""
     import mlflow.pytorch
 
     pipeline_package = Path(__file__).resolve().parent
@@ -252,6 +253,16 @@ def log_model(model: BigramLanguageModel, params: Params) -> None:
             f"mlflow=={mlflow.__version__}",
         ],
     )
+
+
+def register_text_generator(params: Params, run_id: str, final_eval: dict) -> None:
+    """Log the model as a pyfunc that generates text and register it as a new version."""
+    # Imported here: evaluate and sample import this module and need none of the pyfunc machinery.
+    from pipeline import serving
+
+    generator = serving.log_text_generator(MODEL_PATH, VOCAB_PATH, params)
+    metrics = {"train_loss": final_eval["train_loss"], "val_loss": final_eval["val_loss"]}
+    serving.register_version(generator.model_uri, params, run_id, metrics)
 
 
 def main() -> None:
@@ -303,6 +314,7 @@ def main() -> None:
         mlflow.log_artifact(str(LOSS_CURVE_PATH))
         mlflow.log_artifact(str(VOCAB_PATH))
         log_model(model, params)
+        register_text_generator(params, run.info.run_id, curve[-1])
         write_json(RUN_INFO_PATH, {"mlflow_run_id": run.info.run_id})
 
 

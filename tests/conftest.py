@@ -208,3 +208,27 @@ def mlflow_runs(repo: Path) -> list:
 def run_statuses(repo: Path) -> dict[str, str]:
     """{run id: status}: a failed or killed stage must leave none RUNNING."""
     return {found.info.run_id: found.info.status for found in mlflow_runs(repo)}
+
+
+# Left out of copies of a trained repo: each copy gets its own MLflow store and DVC state.
+NOT_COPIED = {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlflow.db.lock", "mlartifacts", "tmp"}
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A repo copy after one `dvc repro` with fast params, then committed with its dvc.lock.
+
+    The run was made with a params change not yet committed (train.seed), as runs often are.
+    Read-only: tests work in their own copy (copy_trained_repo), sharing this one baseline run.
+    """
+    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("trained") / "repo", corpus_url)
+    update_params(repo, train={"seed": 7})
+    run(["dvc", "repro"], repo, env)
+    commit_all(repo, env, "baseline run")
+    return repo, env
+
+
+def copy_trained_repo(trained: Path, destination: Path) -> Path:
+    """The trained repo with its git history, DVC cache and outputs, but a new MLflow store."""
+    shutil.copytree(trained, destination, ignore=lambda _dir, names: NOT_COPIED & set(names))
+    return destination

@@ -1,0 +1,108 @@
+"""What a training run needs to be rebuilt, recorded as tags of the run.
+
+- ``mlflow.source.git.commit`` (set for every stage) and ``git.dirty``: whether tracked files
+  differ from that commit, ``git.changed_files`` naming them. dvc.lock is left out: `dvc repro`
+  rewrites it as stages finish, and the inputs it records are hashed here instead.
+- ``dvc.deps.<path>``: the md5 of each dep of the train stage, the hashes `dvc repro` writes
+  for it in dvc.lock.
+- ``version.python``, ``version.torch``, ``version.dvc``, ``version.mlflow`` and
+  ``device.name``.
+
+The params are logged on the run beside them. Checking out the commit, setting the run's params
+and running ``dvc repro`` rebuilds the run; on the CPU its metrics are identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+from pathlib import Path
+
+import mlflow
+import torch
+
+from pipeline.tracking import git_commit
+
+DVC_FILE = Path("dvc.yaml")
+TRAIN_STAGE = "train"
+# Rewritten by `dvc repro` itself while the pipeline runs; not a change to the code or data.
+NOT_SOURCE = {"dvc.lock"}
+CHUNK_BYTES = 1 << 20
+
+
+def changed_files() -> list[str] | None:
+    """Tracked files that differ from HEAD (dvc.lock aside), or None outside a git repo."""
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = [line[3:].split(" -> ")[-1] for line in status.splitlines()]
+    return sorted(path for path in paths if path not in NOT_SOURCE)
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC records for a file dep: of its bytes, as they are."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stage_dep_hashes(stage: str = TRAIN_STAGE) -> dict[str, str]:
+    """md5 of each file dep of a dvc.yaml stage (the train stage's deps are all files)."""
+    from ruamel.yaml import YAML
+
+    deps = YAML(typ="safe", pure=True).load(DVC_FILE)["stages"][stage].get("deps", [])
+    return {dep: file_md5(Path(dep)) for dep in deps if Path(dep).is_file()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    # platform.processor() is empty on most Linux machines; /proc/cpuinfo has the model.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def record(device: torch.device) -> dict[str, str]:
+    """The run's rebuild record, as MLflow tags."""
+    changed = changed_files()
+    tags = {
+        "mlflow.source.git.commit": git_commit(),
+        "git.dirty": "unknown" if changed is None else str(bool(changed)).lower(),
+        "version.python": platform.python_version(),
+        "version.torch": torch.__version__,
+        "version.dvc": package_version("dvc"),
+        "version.mlflow": mlflow.__version__,
+        "device.name": device_name(device),
+    }
+    if changed:
+        tags["git.changed_files"] = ", ".join(changed)
+    tags.update({f"dvc.deps.{path}": md5 for path, md5 in stage_dep_hashes().items()})
+    return tags

@@ -1,0 +1,109 @@
+"""Running DVC experiments from tests and checking what they left in MLflow."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import run
+
+MODEL_NAME = "bigram-shakespeare"
+POLL_S = 2
+STATUS_EVERY_S = 20
+QUEUE_TIMEOUT_S = 480
+
+
+def queue(repo: Path, env: dict[str, str], overrides: list[str]) -> dict[str, str]:
+    """Queue one experiment per override; returns {experiment name: override}."""
+    names = {}
+    for override in overrides:
+        result = run(["dvc", "exp", "run", "--queue", "-S", override], repo, env)
+        names[re.search(r"Queued experiment '([^']+)'", result.stdout).group(1)] = override
+    return names
+
+
+def wait_for_queue(repo: Path, env: dict[str, str], experiments: int) -> str:
+    """Wait until the queue is idle; returns `dvc queue status`.
+
+    Finished experiments show up as git refs, cheap to count on a loaded machine; `dvc queue
+    status` is asked now and then, in case one failed and will never show up.
+    """
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    next_status_check = time.monotonic() + STATUS_EVERY_S
+    while True:
+        done = time.monotonic() > next_status_check or exp_refs(repo) >= experiments
+        if done:
+            status = run(["dvc", "queue", "status"], repo, env).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                return status
+            next_status_check = time.monotonic() + STATUS_EVERY_S
+        assert time.monotonic() < deadline, f"queue still busy after {QUEUE_TIMEOUT_S} s"
+        time.sleep(POLL_S)
+
+
+def exp_refs(repo: Path) -> int:
+    refs = subprocess.run(
+        ["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True
+    ).stdout
+    return len(refs.splitlines())
+
+
+def exp_show(repo: Path, env: dict[str, str]) -> dict[str, dict]:
+    """{experiment name: {"params": train params, "metrics": metrics.json}} from `dvc exp show`."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    found = {}
+    for baseline in shown:
+        for experiment in baseline.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            found[experiment["name"]] = {
+                "params": data["params"]["params.yaml"]["data"]["train"],
+                "metrics": data["metrics"]["data/evaluate/metrics.json"]["data"],
+            }
+    return found
+
+
+def training_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("bigram")
+    return client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+
+
+def check_experiments_in_store(
+    client: MlflowClient, repo: Path, env: dict[str, str], names: dict[str, str]
+) -> list:
+    """Each experiment has exactly one FINISHED training run, named after it, whose params and
+    metrics are those `dvc exp show` lists for it; returns those runs."""
+    runs = [r for r in training_runs(client) if r.data.tags.get("dvc.exp_name") in names]
+    assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(names), "lost or doubled"
+    shown = exp_show(repo, env)
+    for found in runs:
+        name = found.data.tags["dvc.exp_name"]
+        assert found.info.status == "FINISHED", name
+        assert found.info.run_name == name
+        key, value = names[name].removeprefix("train.").split("=")
+        assert float(found.data.params[key]) == float(value), name
+        assert shown[name]["params"][key] == pytest.approx(float(value))
+        metrics = shown[name]["metrics"]
+        assert metrics.keys() <= found.data.metrics.keys()
+        for metric, value in metrics.items():
+            assert found.data.metrics[metric] == pytest.approx(value, rel=1e-12), (name, metric)
+    return runs
+
+
+def check_registry(client: MlflowClient, runs: list) -> None:
+    """One model version per training, numbered without gaps or repeats, metrics attached."""
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    by_run = {version.run_id: version for version in versions}
+    assert sorted(int(v.version) for v in versions) == list(range(1, len(versions) + 1))
+    for found in runs:
+        version = by_run[found.info.run_id]
+        assert version.tags["dvc.exp_name"] == found.data.tags["dvc.exp_name"]
+        assert float(version.tags["val_loss"]) == pytest.approx(
+            found.data.metrics["val_loss"], abs=1e-6
+        )
+        assert f"val_loss {found.data.metrics['val_loss']:.4f}" in version.description

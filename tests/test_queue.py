@@ -1,0 +1,214 @@
+"""Parallel experiments: queued and --temp runs land in the workspace's one SQLite store.
+
+DVC runs queued experiments in temporary copies of the repo; every stage must still log to the
+repo-root mlflow.db, and several workers opening, creating and writing it at once must lose,
+duplicate or break nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO_ROOT, copy_trained_repo, run
+from tests.experiments import (
+    MODEL_NAME,
+    check_experiments_in_store,
+    check_registry,
+    queue,
+    training_runs,
+    wait_for_queue,
+)
+
+# The issue's four experiments, then four more: eight runs on four workers.
+EIGHT_EXPERIMENTS = [
+    "train.lr=3e-3",
+    "train.lr=1e-2",
+    "train.lr=3e-2",
+    "train.batch_size=64",
+    "train.lr=5e-3",
+    "train.batch_size=16",
+    "train.seed=1",
+    "train.seed=2",
+]
+
+
+def store_client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+@pytest.mark.e2e
+def test_eight_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_path):
+    """The reliability issue's load test and the scale issue's queue in one run of the queue:
+    eight experiments on four workers, and a `dvc exp run --temp` beside them.
+
+    The copy starts without mlflow.db, so the first workers also race to create it.
+    """
+    repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
+    env = trained_repo[1]
+    names = queue(repo, env, EIGHT_EXPERIMENTS)
+    assert len(names) == 8
+
+    run(["dvc", "queue", "start", "-j", "4"], repo, env)
+    temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
+    temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
+    status = wait_for_queue(repo, env, experiments=9)
+    assert status.count("Success") == 8, status
+
+    client = store_client(repo)
+    runs = check_experiments_in_store(client, repo, env, {**names, temp_name: "train.lr=4e-2"})
+    assert len(runs) == 9
+    # Nothing else ran (download and vocab were unchanged) and no run is left RUNNING.
+    assert len(training_runs(client)) == 9
+    experiment = client.get_experiment_by_name("bigram")
+    assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"FINISHED"}
+    check_registry(client, runs)
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 9
+
+    head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    for found in runs:
+        # The stages logged to the workspace's store, never to one in DVC's temporary copy.
+        assert found.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+        # Runs record where they came from: the queued commit, params.yaml changed by -S.
+        assert found.data.tags["mlflow.source.git.commit"] == head
+        assert found.data.tags["git.dirty"] == "true"
+        assert found.data.tags["git.changed_files"] == "params.yaml"
+
+
+WORKER = """
+import sys, time
+from pathlib import Path
+import mlflow, torch
+from pipeline import serving, tracking
+from pipeline.files import write_json
+from pipeline.model import BigramLanguageModel
+from pipeline.params import load_params
+
+work, worker = Path(sys.argv[1]), sys.argv[2]
+params = load_params()
+weights, vocab = work / f"model-{worker}.pt", work / f"vocab-{worker}.json"
+torch.save(BigramLanguageModel(3).state_dict(), weights)
+write_json(vocab, {"chars": ["a", "b", "c"]})
+(work / f"ready-{worker}").touch()
+while not (work / "go").exists():
+    time.sleep(0.01)
+with tracking.stage_run("train", params, run_name=f"worker-{worker}") as active:
+    mlflow.log_metric("worker", int(worker))
+    info = serving.log_text_generator(weights, vocab, params)
+    serving.register_version(info.model_uri, params, active.info.run_id, {"val_loss": 1.0})
+# Later stages reopen the store in a process that has used it, as evaluate does.
+for step in range(3):
+    with tracking.model_run("evaluate", params, active.info.run_id, {}):
+        mlflow.log_metric("evaluated", step, step=step)
+"""
+
+
+def test_many_processes_create_and_write_a_new_store_at_once(tmp_path):
+    """Processes released together on a store that does not exist yet: one creates it under
+    the lock, all log a run and register a version; nothing fails, nothing is lost."""
+    workers = 4
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "DVC_ROOT": str(tmp_path),  # where tracking.tracking_uri() puts mlflow.db
+        "HOME": str(tmp_path),
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path), str(i)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(workers)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < workers:
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.monotonic() < deadline, "workers never got ready"
+        time.sleep(0.05)
+    assert not (tmp_path / "mlflow.db").exists()
+    (tmp_path / "go").touch()
+    for process in processes:
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr
+        assert "database is locked" not in stderr
+
+    client = store_client(tmp_path)
+    runs = training_runs(client)
+    assert sorted(r.info.run_name for r in runs) == [f"worker-{i}" for i in range(workers)]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.metrics["evaluated"] for r in runs} == {2}
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    assert sorted(int(v.version) for v in versions) == list(range(1, workers + 1))
+    assert {v.run_id for v in versions} == {r.info.run_id for r in runs}
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_store_waits_for_a_writer_instead_of_failing(tmp_path, monkeypatch):
+    """The URL's timeout reaches MLflow's engine, and a write blocked by another process's
+    transaction waits for it rather than failing with "database is locked"."""
+    from mlflow.store.db.utils import create_sqlalchemy_engine
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri()
+    assert uri.endswith(f"?timeout={tracking.SQLITE_BUSY_TIMEOUT_S}")
+    with create_sqlalchemy_engine(uri).connect() as connection:
+        busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+    assert busy_ms == tracking.SQLITE_BUSY_TIMEOUT_S * 1000
+
+    experiment_id = tracking.connect("bigram")
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(experiment_id).info.run_id
+
+    blocker = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock, as a busy worker would
+    released = threading.Event()
+
+    def release_later():
+        time.sleep(2)
+        released.set()
+        blocker.execute("COMMIT")
+
+    thread = threading.Thread(target=release_later)
+    thread.start()
+    client.log_metric(run_id, "loss", 1.0)
+    assert released.is_set(), "the write went through while another process held the lock"
+    thread.join()
+    assert client.get_run(run_id).data.metrics["loss"] == 1.0
+
+
+def test_opening_the_store_again_keeps_this_process_hold_on_it(tmp_path, monkeypatch):
+    """evaluate and sample connect twice. The second time must not drop the process's SQLite
+    locks: another process closing the store would then delete the WAL under this one, which
+    parallel experiments met as "disk I/O error"."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    experiment_id = tracking.connect("bigram")
+    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    run_id = client.create_run(experiment_id).info.run_id  # MLflow now holds a connection
+    tracking.connect("bigram")
+
+    other_process = (
+        "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "
+        "db.execute('SELECT count(*) FROM runs').fetchone(); db.close()"
+    )
+    subprocess.run([sys.executable, "-c", other_process, str(tmp_path / "mlflow.db")], check=True)
+    assert (tmp_path / "mlflow.db-wal").exists(), "the other process took itself for the last"
+    client.log_metric(run_id, "loss", 1.0)
+    assert client.get_run(run_id).data.metrics["loss"] == 1.0

@@ -1,0 +1,104 @@
+"""Sharing and rebuilding: a DVC remote carries data and models between clones, and a training
+run's record is enough to rebuild it with identical metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from ruamel.yaml import YAML
+
+from pipeline.params import TrainParams
+from tests.conftest import commit_all, copy_trained_repo, run, update_params
+
+pytestmark = pytest.mark.e2e
+
+
+def training_run(repo: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("bigram")
+    (found,) = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
+    return found
+
+
+def test_dvc_remote_moves_data_and_model_to_another_clone(trained_repo, tmp_path):
+    """`dvc push` from one clone, `dvc pull` into another: nothing is left to run there."""
+    source, env = copy_trained_repo(trained_repo[0], tmp_path / "source"), trained_repo[1]
+    run(["dvc", "remote", "add", "--default", "shared", str(tmp_path / "remote")], source, env)
+    commit_all(source, env, "share data through a DVC remote")
+    run(["dvc", "push"], source, env)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(source), str(clone)], tmp_path, env)
+    assert not (clone / "data").exists()
+    run(["dvc", "pull"], clone, env)
+    assert "up to date" in run(["dvc", "status"], clone, env).stdout
+    assert "Running stage" not in run(["dvc", "repro"], clone, env).stdout
+    for output in ("data/train/model.pt", "data/evaluate/metrics.json", "data/raw/input.txt"):
+        assert (clone / output).read_bytes() == (source / output).read_bytes(), output
+
+    # The model is a DVC artifact (dvc.yaml's artifacts:): a git tag names a version of it,
+    # which `dvc artifacts get` fetches by name from the remote.
+    run(["git", "tag", "-a", "bigram-shakespeare@v1.0.0", "-m", "first model"], source, env)
+    run(
+        ["dvc", "artifacts", "get", str(source), "bigram-shakespeare", "-o", "model.pt"],
+        tmp_path,
+        env,
+    )
+    assert (tmp_path / "model.pt").read_bytes() == (source / "data/train/model.pt").read_bytes()
+
+
+def test_a_training_run_is_rebuilt_from_its_record(trained_repo, tmp_path):
+    """Check out the run's commit, set its params, `dvc repro`: the same metrics, exactly."""
+    repo, env = trained_repo
+    original = training_run(repo)
+    tags, params = original.data.tags, original.data.params
+
+    # The record: commit and dirt (the fixture ran with an uncommitted params change),
+    # the train stage's input hashes as dvc.lock has them, versions and device.
+    assert tags["git.dirty"] == "true" and tags["git.changed_files"] == "params.yaml"
+    lock = YAML(typ="safe").load(repo / "dvc.lock")["stages"]["train"]["deps"]
+    recorded = {
+        k.removeprefix("dvc.deps."): v for k, v in tags.items() if k.startswith("dvc.deps.")
+    }
+    assert recorded == {dep["path"]: dep["md5"] for dep in lock}
+    assert tags["version.python"] == platform.python_version()
+    assert tags["version.torch"] == torch.__version__
+    assert tags["version.dvc"] == importlib.metadata.version("dvc")
+    assert tags["version.mlflow"] == mlflow.__version__
+    assert tags["device.name"]
+
+    rebuild = tmp_path / "rebuild"
+    run(["git", "clone", "-q", str(repo), str(rebuild)], tmp_path, env)
+    run(["git", "checkout", "-q", tags["mlflow.source.git.commit"]], rebuild, env)
+    field_types = {field.name: field.type for field in dataclasses.fields(TrainParams)}
+    casts = {"int": int, "float": float, "str": str}
+    update_params(
+        rebuild, train={name: casts[kind](params[name]) for name, kind in field_types.items()}
+    )
+    run(["dvc", "repro"], rebuild, env)
+
+    rebuilt = training_run(rebuild)
+    assert rebuilt.data.metrics == original.data.metrics
+    # Same inputs, but for the manifest: it names the upstream MLflow runs, new in a rebuild.
+    rebuilt_inputs = {
+        k.removeprefix("dvc.deps."): v
+        for k, v in rebuilt.data.tags.items()
+        if k.startswith("dvc.deps.")
+    }
+    manifest = "data/vocab/manifest.json"
+    rebuilt_inputs.pop(manifest), recorded.pop(manifest)
+    assert rebuilt_inputs == recorded
+    manifests = [json.loads((r / manifest).read_text()) for r in (repo, rebuild)]
+    for content in manifests:
+        del content["download_run_id"], content["vocab_run_id"]
+    assert manifests[0] == manifests[1]
+    weights = [torch.load(r / "data/train/model.pt", weights_only=True) for r in (repo, rebuild)]
+    assert torch.equal(*(w["token_embedding_table.weight"] for w in weights))

@@ -1,0 +1,299 @@
+"""Team mode: the pipeline logs through a real `mlflow server`, on SQLite or PostgreSQL.
+
+The tests start and stop every process themselves on 127.0.0.1: a throwaway PostgreSQL cluster
+(Debian's postgresql package, which .ci/run installs), the tracking server with
+--serve-artifacts, and `mlflow models serve` for the registered model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import VENV_BIN, copy_trained_repo, free_port, run
+from tests.experiments import (
+    check_experiments_in_store,
+    check_registry,
+    queue,
+    training_runs,
+    wait_for_queue,
+)
+
+pytestmark = pytest.mark.e2e
+
+MODEL_URI = "models:/bigram-shakespeare/latest"
+START_TIMEOUT_S = 120
+
+
+def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, str]:
+    """GET, or POST JSON when payload is given; returns (status, body) even for errors."""
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -> Iterator[None]:
+    """Run a server in its own process group until ready_url answers 200; stop it afterwards."""
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            cmd,
+            cwd=log.parent,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"{cmd[:3]} exited:\n{log.read_text()[-3000:]}"
+            with contextlib.suppress(OSError):
+                if http(ready_url, timeout=2)[0] == 200:
+                    break
+            assert time.monotonic() < deadline, f"{cmd[:3]} not ready:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """`mlflow server` proxying artifacts (--serve-artifacts) into workdir/artifacts."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with background(cmd, f"{url}/health", workdir / "server.log", env):
+        yield url
+
+
+def postgres_bin_dir() -> Path:
+    """Debian keeps initdb and pg_ctl in /usr/lib/postgresql/<version>/bin, off the PATH."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    assert candidates, (
+        "PostgreSQL is not installed: `apt-get install postgresql` (Debian), which .ci/run does"
+    )
+    return Path(candidates[-1]).parent
+
+
+@pytest.fixture(scope="module")
+def postgres_uri() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty `mlflow` database.
+
+    PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
+    """
+    bin_dir = postgres_bin_dir()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="bigram-pg-"))
+    if as_postgres:
+        shutil.chown(base, "postgres")
+    data, port = base / "data", free_port()
+
+    def pg(*args: str) -> None:
+        done = subprocess.run([*as_postgres, *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}{done.stderr}"
+
+    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off"
+    pg(
+        str(bin_dir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(base / "log"),
+        "-o",
+        options,
+        "-w",
+        "start",
+    )
+    try:
+        pg(
+            str(bin_dir / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "mlflow",
+        )
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def runs_by_stage(client: MlflowClient) -> dict[str, list]:
+    experiment = client.get_experiment_by_name("bigram")
+    grouped: dict[str, list] = {}
+    for found in client.search_runs([experiment.experiment_id]):
+        grouped.setdefault(found.data.tags["stage"], []).append(found)
+    return grouped
+
+
+def check_run_on_server(training, url: str, artifacts: Path) -> None:
+    """A training run's artifacts and models, as the server holds them and `mlflow ui` shows
+    them: its page, and the runs and artifacts the page asks the server for."""
+    client = MlflowClient(tracking_uri=url)
+    run_id = training.info.run_id
+    # Artifacts went through the server (mlflow-artifacts:/) into its destination directory.
+    assert training.info.artifact_uri.startswith("mlflow-artifacts:/")
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    assert {"loss_curve.csv", "metrics.json", "next_char_probs.png", "samples"} <= listed
+    assert list((artifacts / training.info.experiment_id / run_id).rglob("loss_curve.csv"))
+    logged = client.search_logged_models(
+        [training.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    assert {m.name for m in logged} == {"model", "generator"}
+    for model in logged:
+        assert list(
+            (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("MLmodel")
+        )
+
+    status, page = http(f"{url}/")
+    assert status == 200 and "<html" in page.lower() and "Unable to display" not in page
+    status, body = http(
+        f"{url}/ajax-api/2.0/mlflow/runs/search",
+        {"experiment_ids": [training.info.experiment_id]},
+    )
+    assert status == 200 and run_id in body
+    status, body = http(f"{url}/get-artifact?path=metrics.json&run_uuid={run_id}")
+    assert status == 200
+    for name, value in json.loads(body).items():
+        assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgres_uri):
+    """`dvc repro` logs every stage through the server, PostgreSQL behind it; the registered
+    model then generates through the generate command and through `mlflow models serve`."""
+    repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
+    with mlflow_server(postgres_uri, tmp_path, trained_repo[1]) as url:
+        env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
+        result = run(["dvc", "repro", "--force"], repo, env)
+        for stage in ("download", "vocab", "train", "evaluate", "sample"):
+            assert f"Running stage '{stage}'" in result.stdout
+
+        client = MlflowClient(tracking_uri=url)
+        stages = runs_by_stage(client)
+        assert {stage: len(found) for stage, found in stages.items()} == {
+            "download": 1,
+            "vocab": 1,
+            "train": 1,
+        }
+        assert {r.info.status for found in stages.values() for r in found} == {"FINISHED"}
+        (training,) = stages["train"]
+        metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+        for name, value in metrics.items():
+            assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
+        assert training.data.params["max_iters"] == "300"
+        check_run_on_server(training, url, tmp_path / "artifacts")
+        assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+        (version,) = client.search_model_versions("name = 'bigram-shakespeare'")
+        assert version.version == "1" and version.run_id == training.info.run_id
+        assert float(version.tags["val_loss"]) == pytest.approx(
+            training.data.metrics["val_loss"], abs=1e-6
+        )
+
+        generated = run(
+            [sys.executable, "-m", "pipeline.generate", "--model", MODEL_URI]
+            + ["--prompt", "ROMEO:", "--chars", "300"],
+            repo,
+            env,
+        ).stdout.removesuffix("\n")
+        vocab = set(json.loads((repo / "data/vocab/vocab.json").read_text())["chars"])
+        assert generated.startswith("ROMEO:") and len(generated) == 306
+        assert set(generated) <= vocab
+
+        port = free_port()
+        serve = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", MODEL_URI]
+        serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+        with background(serve, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env):
+            invocations = f"http://127.0.0.1:{port}/invocations"
+            status, body = http(
+                invocations, {"dataframe_records": [{"prompt": "ROMEO:", "chars": 300}]}
+            )
+            assert status == 200, body
+            # Same model, same seed (sample.seed) and temperature: the same text as the command.
+            assert json.loads(body) == {"predictions": [generated]}
+            status, body = http(
+                invocations, {"dataframe_records": [{"prompt": "A"}, {"prompt": "B"}]}
+            )
+            assert status == 200, body
+            texts = json.loads(body)["predictions"]
+            # chars left out: the training's sample.num_chars.
+            assert [text[0] for text in texts] == ["A", "B"] and {len(t) for t in texts} == {201}
+
+            status, body = http(invocations, {"dataframe_records": [{"prompt": "ROMEO@é"}]})
+            assert status == 400 and "'@', 'é'" in json.loads(body)["message"]
+
+
+def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_stopped(
+    trained_repo, tmp_path
+):
+    """`dvc queue start -j 2` with MLFLOW_TRACKING_URI at a SQLite-backed server: both
+    experiments land there whole; once the server is gone a stage stops at once, naming it."""
+    repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    with mlflow_server(backend, tmp_path, trained_repo[1]) as url:
+        env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
+        names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
+        run(["dvc", "queue", "start", "-j", "2"], repo, env)
+        status = wait_for_queue(repo, env, experiments=2)
+        assert status.count("Success") == 2, status
+
+        client = MlflowClient(tracking_uri=url)
+        runs = check_experiments_in_store(client, repo, env, names)
+        assert len(training_runs(client)) == 2
+        check_registry(client, runs)
+        for training in runs:
+            check_run_on_server(training, url, tmp_path / "artifacts")
+        assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
+
+    stage = ["dvc", "repro", "--force", "--single-item", "train"]
+    result = run(stage, repo, env, check=False, timeout=90)
+    assert result.returncode != 0
+    assert f"error: MLflow tracking server {url} is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
