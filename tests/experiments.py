@@ -47,6 +47,13 @@ def wait_for_queue(repo: Path, env: dict[str, str], experiments: int) -> str:
         time.sleep(POLL_S)
 
 
+def failed_task_logs(repo: Path, env: dict[str, str], status: str) -> str:
+    """The end of `dvc queue logs` of every failed task in a `dvc queue status` table."""
+    failed = [line.split()[1] for line in status.splitlines() if line.rstrip().endswith("Failed")]
+    logs = [run(["dvc", "queue", "logs", name], repo, env, check=False).stdout for name in failed]
+    return "\n".join(f"--- {name}\n{log[-3000:]}" for name, log in zip(failed, logs, strict=True))
+
+
 def exp_refs(repo: Path) -> int:
     refs = subprocess.run(
         ["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True, text=True

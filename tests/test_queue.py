@@ -23,6 +23,7 @@ from tests.experiments import (
     MODEL_NAME,
     check_experiments_in_store,
     check_registry,
+    failed_task_logs,
     queue,
     training_runs,
     wait_for_queue,
@@ -61,7 +62,7 @@ def test_eight_queued_experiments_and_a_temp_one_share_one_store(trained_repo, t
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
     temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
     status = wait_for_queue(repo, env, experiments=9)
-    assert status.count("Success") == 8, status
+    assert status.count("Success") == 8, status + failed_task_logs(repo, env, status)
 
     client = store_client(repo)
     runs = check_experiments_in_store(client, repo, env, {**names, temp_name: "train.lr=4e-2"})

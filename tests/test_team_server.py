@@ -31,6 +31,7 @@ from tests.conftest import VENV_BIN, copy_trained_repo, free_port, run
 from tests.experiments import (
     check_experiments_in_store,
     check_registry,
+    failed_task_logs,
     queue,
     training_runs,
     wait_for_queue,
@@ -291,7 +292,7 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
         names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
         run(["dvc", "queue", "start", "-j", "2"], repo, env)
         status = wait_for_queue(repo, env, experiments=2)
-        assert status.count("Success") == 2, status
+        assert status.count("Success") == 2, status + failed_task_logs(repo, env, status)
 
         client = MlflowClient(tracking_uri=url)
         runs = check_experiments_in_store(client, repo, env, names)
