@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +26,9 @@ from benchmarks.measure import (
     import_seconds,
     run_child,
 )
+
+# The throwaway repo copy that the end-to-end tests use, so both measure the same thing.
+from tests.conftest import make_repo_copy
 
 STAGES = ("download", "vocab", "train", "evaluate", "sample")
 # Stages that must never load torch: they only move bytes and characters.
@@ -52,31 +53,6 @@ def child_env(corpus: Path, threads: int) -> dict[str, str]:
         GIT_COMMITTER_EMAIL="bench@localhost",
     )
     return env
-
-
-def make_repo_copy(destination: Path, env: dict[str, str]) -> Path:
-    """A fresh git repository holding the working tree's files, with no dvc.lock."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name
-        if source.is_file():
-            target = destination / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
-    (destination / "dvc.lock").unlink(missing_ok=True)
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-q", "-m", "benchmark copy"],
-    ):
-        subprocess.run(command, cwd=destination, env=env, check=True, capture_output=True)
-    return destination
 
 
 def build_corpus(source: Path, size_bytes: int, destination: Path) -> str:
