@@ -19,7 +19,7 @@ from benchmarks.workload import Workload
 from pipeline.data import bigram_counts
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
-from pipeline.train import exact_losses, train_minibatch, train_on_counts
+from pipeline.training import exact_losses, train_minibatch, train_on_counts
 
 DEFAULTS = TrainParams()
 GENERATED_CHARS = 10_000

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pipeline.data import bigram_counts, conditional_entropy, get_batch, to_device_tokens
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
-from pipeline.train import eval_steps, exact_losses, train_minibatch, train_on_counts
+from pipeline.training import eval_steps, exact_losses, train_minibatch, train_on_counts
 from tests.conftest import REPO_ROOT
 
 VOCAB_SIZE = 65

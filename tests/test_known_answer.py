@@ -10,7 +10,7 @@ from tqdm import tqdm
 from pipeline.data import bigram_counts, conditional_entropy
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
-from pipeline.train import train_minibatch, train_on_counts
+from pipeline.training import train_minibatch, train_on_counts
 
 V = 8
 NUM_TOKENS = 200_000

@@ -10,7 +10,7 @@ from ruamel.yaml import YAML
 
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
-from pipeline.train import check_block_size, resolve_device
+from pipeline.training import check_block_size, resolve_device
 from tests.conftest import (
     REPO_ROOT,
     assert_one_line_error,
