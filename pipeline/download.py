@@ -27,9 +27,7 @@ from pipeline import tracking
 from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.files import atomic_path, write_json
 from pipeline.params import CORPUS_URL_ENV, load_params
-
-CORPUS_PATH = Path("data/raw/input.txt")
-DOWNLOAD_INFO_PATH = Path("data/raw/download.json")
+from pipeline.paths import CORPUS_PATH, DOWNLOAD_INFO_PATH
 
 CHUNK_BYTES = 1 << 20
 # Network knobs, from the environment because they do not change the corpus (DVC ignores them):

@@ -39,12 +39,15 @@ from pipeline.errors import stage_entry_point
 from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.model import bigram_loss_from_counts, load_model
 from pipeline.params import load_params
-from pipeline.train import MODEL_PATH, RUN_INFO_PATH
-from pipeline.vocab import TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
-
-EVALUATE_DIR = Path("data/evaluate")
-METRICS_PATH = EVALUATE_DIR / "metrics.json"
-PROBS_PLOT_PATH = EVALUATE_DIR / "next_char_probs.png"
+from pipeline.paths import (
+    METRICS_PATH,
+    MODEL_PATH,
+    PROBS_PLOT_PATH,
+    RUN_INFO_PATH,
+    TRAIN_TOKENS_PATH,
+    VAL_TOKENS_PATH,
+    VOCAB_PATH,
+)
 
 
 def compute_metrics(

@@ -25,9 +25,8 @@ from pipeline.data import load_vocab
 from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.model import BigramLanguageModel, load_model
 from pipeline.params import PARAMS_FILE, SampleParams, load_params
+from pipeline.paths import MODEL_PATH, VOCAB_PATH
 from pipeline.textgen import TextGenerator, check_request
-from pipeline.train import MODEL_PATH
-from pipeline.vocab import VOCAB_PATH
 
 
 def parse_args(argv: list[str] | None, defaults: SampleParams) -> argparse.Namespace:

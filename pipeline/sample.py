@@ -7,7 +7,6 @@ seeded (sample.seed), so the same model and params give the same text.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import mlflow
 
@@ -17,11 +16,8 @@ from pipeline.errors import stage_entry_point
 from pipeline.files import outputs_removed_on_failure, read_json, write_text
 from pipeline.model import load_model
 from pipeline.params import load_params
+from pipeline.paths import MODEL_PATH, RUN_INFO_PATH, SAMPLE_PATH, VOCAB_PATH
 from pipeline.textgen import TextGenerator
-from pipeline.train import MODEL_PATH, RUN_INFO_PATH
-from pipeline.vocab import VOCAB_PATH
-
-SAMPLE_PATH = Path("data/sample/sample.txt")
 
 
 def main() -> None:

@@ -25,6 +25,15 @@ from pipeline.errors import stage_entry_point
 from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.params import Params, load_params
+from pipeline.paths import (
+    LOSS_CURVE_PATH,
+    MANIFEST_PATH,
+    MODEL_PATH,
+    RUN_INFO_PATH,
+    TRAIN_TOKENS_PATH,
+    VAL_TOKENS_PATH,
+    VOCAB_PATH,
+)
 from pipeline.training import (
     check_block_size,
     exact_losses,
@@ -32,12 +41,7 @@ from pipeline.training import (
     train_minibatch,
     train_on_counts,
 )
-from pipeline.vocab import MANIFEST_PATH, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
 
-TRAIN_DIR = Path("data/train")
-MODEL_PATH = TRAIN_DIR / "model.pt"
-LOSS_CURVE_PATH = TRAIN_DIR / "loss_curve.csv"
-RUN_INFO_PATH = TRAIN_DIR / "run.json"
 MODEL_ARTIFACT = "model"
 
 

@@ -17,16 +17,17 @@ import mlflow
 import numpy as np
 
 from pipeline import tracking
-from pipeline.download import CORPUS_PATH, DOWNLOAD_INFO_PATH
 from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.params import load_params
-
-VOCAB_DIR = Path("data/vocab")
-VOCAB_PATH = VOCAB_DIR / "vocab.json"
-TRAIN_TOKENS_PATH = VOCAB_DIR / "train.npy"
-VAL_TOKENS_PATH = VOCAB_DIR / "val.npy"
-MANIFEST_PATH = VOCAB_DIR / "manifest.json"
+from pipeline.paths import (
+    CORPUS_PATH,
+    DOWNLOAD_INFO_PATH,
+    MANIFEST_PATH,
+    TRAIN_TOKENS_PATH,
+    VAL_TOKENS_PATH,
+    VOCAB_PATH,
+)
 
 # 1 MB of UTF-8 becomes up to 4 MB of code points: small beside any corpus, and large enough
 # that numpy, not Python, does the work.

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import generate, tracking, train
+from pipeline import generate, paths, tracking, train
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
@@ -27,11 +27,11 @@ def workspace(tmp_path, monkeypatch) -> Path:
     leaves them; the MLflow store (mlflow.db) goes there too."""
     shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
     update_params(tmp_path, sample={"max_chars": 500})
-    write_json(tmp_path / train.VOCAB_PATH, {"chars": CHARS})
+    write_json(tmp_path / paths.VOCAB_PATH, {"chars": CHARS})
     torch.manual_seed(0)
     model = BigramLanguageModel(len(CHARS))
-    (tmp_path / train.MODEL_PATH).parent.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp_path / train.MODEL_PATH)
+    (tmp_path / paths.MODEL_PATH).parent.mkdir(parents=True)
+    torch.save(model.state_dict(), tmp_path / paths.MODEL_PATH)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -84,7 +84,7 @@ def test_every_form_of_a_logged_model_generates_the_same_text(workspace, capsys)
     model.pt all hold the same weights and vocabulary, so one seed gives one text."""
     params = load_params()
     model = BigramLanguageModel(len(CHARS))
-    model.load_state_dict(torch.load(train.MODEL_PATH, weights_only=True))
+    model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
     with tracking.stage_run("train", params) as run:
         train.log_model(model, params)
         train.register_text_generator(params, run.info.run_id, {"train_loss": 3, "val_loss": 3})
@@ -95,7 +95,7 @@ def test_every_form_of_a_logged_model_generates_the_same_text(workspace, capsys)
     texts = {
         reference: generated(capsys, "--model", reference, *request)
         for reference in (
-            str(train.MODEL_PATH),
+            str(paths.MODEL_PATH),
             f"runs:/{run_id}/model",
             f"runs:/{run_id}/generator",
             "models:/bigram-shakespeare/latest",

@@ -1,0 +1,31 @@
+"""Where each stage's outputs live, relative to the repository root: the paths of dvc.yaml.
+
+Stages read their inputs and write their outputs through these names only, so no stage imports
+another to learn a path. A test checks that dvc.yaml declares the same paths.
+"""
+
+from pathlib import Path
+
+DATA_DIR = Path("data")
+
+# download
+CORPUS_PATH = DATA_DIR / "raw" / "input.txt"
+DOWNLOAD_INFO_PATH = DATA_DIR / "raw" / "download.json"
+
+# vocab
+VOCAB_PATH = DATA_DIR / "vocab" / "vocab.json"
+TRAIN_TOKENS_PATH = DATA_DIR / "vocab" / "train.npy"
+VAL_TOKENS_PATH = DATA_DIR / "vocab" / "val.npy"
+MANIFEST_PATH = DATA_DIR / "vocab" / "manifest.json"
+
+# train
+MODEL_PATH = DATA_DIR / "train" / "model.pt"
+LOSS_CURVE_PATH = DATA_DIR / "train" / "loss_curve.csv"
+RUN_INFO_PATH = DATA_DIR / "train" / "run.json"
+
+# evaluate
+METRICS_PATH = DATA_DIR / "evaluate" / "metrics.json"
+PROBS_PLOT_PATH = DATA_DIR / "evaluate" / "next_char_probs.png"
+
+# sample
+SAMPLE_PATH = DATA_DIR / "sample" / "sample.txt"
