@@ -7,7 +7,7 @@ TORCH_REQUIREMENT ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test lint format bench clean
+.PHONY: install repro test lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.run
+
+# Run on a GPU machine: the CUDA tests and the GPU training rows (benchmarks/gpu_check.py). Such a
+# machine has PyTorch but no .venv, so it runs with its own python3.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

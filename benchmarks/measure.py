@@ -26,9 +26,9 @@ class Row:
     measure: str
     reference: str
     ours: str
-    ratio: str
-    goal: str
-    met: bool | None
+    ratio: str = ""
+    goal: str = ""
+    met: bool | None = None
 
 
 def seconds_of(function: Callable[[], object]) -> float:

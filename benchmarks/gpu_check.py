@@ -1,0 +1,184 @@
+"""The GPU check (`make gpu-check`): the CUDA tests and the training rows, on a borrowed GPU.
+
+Sized for a GPU machine lent for minutes, with PyTorch, numpy, pandas, matplotlib, tqdm and
+filelock but no MLflow, no DVC and no network: it imports only the model, the training loops
+and the lecture's reference, and reads the corpus from the pipeline's data/raw/input.txt (or
+--corpus, or a local $BIGRAM_CORPUS_URL), a git-ignored file sent along with the working tree.
+
+1. the CUDA tests (tests/test_cuda.py);
+2. steps/s of the lecture's loop, of our eager CUDA step and of our CUDA-graph step, on one GPU;
+3. the final exact losses of a default 3000-step run on the GPU against the same run on the CPU.
+
+On a machine without CUDA it says so and skips all three. It exits non-zero when a test fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import reference
+from benchmarks.measure import REPO_ROOT, Row, format_table, interleaved_medians, machine_summary
+from benchmarks.workload import Workload, find_corpus, load_workload
+from pipeline.model import BigramLanguageModel
+from pipeline.params import TrainParams
+from pipeline.training import exact_losses, train_minibatch
+
+DEFAULTS = TrainParams()
+# CUDA-graph step against the lecture's loop on the same GPU; GPU loss against the CPU's.
+SPEEDUP_GOAL = 10.0
+LOSS_TOLERANCE = 0.01
+
+
+def run_cuda_tests() -> bool:
+    """tests/test_cuda.py in a child pytest; --noconftest: the suite's fixtures need MLflow."""
+    command = [sys.executable, "-m", "pytest", "--noconftest", "-p", "no:cacheprovider", "-q"]
+    result = subprocess.run([*command, "tests/test_cuda.py"], cwd=REPO_ROOT)
+    return result.returncode == 0
+
+
+def synchronized(function, device: torch.device):
+    def run() -> None:
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return run
+
+
+def new_model(work: Workload, device: torch.device) -> BigramLanguageModel:
+    torch.manual_seed(DEFAULTS.seed)
+    return BigramLanguageModel(work.vocab_size).to(device)
+
+
+def step_rate_rows(work: Workload, steps: int, repeats: int) -> list[Row]:
+    """Steps/s of the same AdamW training (batch 32 x 8, no evaluation), three ways, one GPU."""
+    cuda = torch.device("cuda")
+    tokens = work.train_tokens.to(cuda)
+    config = TrainParams(max_iters=steps, eval_interval=steps)
+
+    def lecture_loop() -> None:
+        model, optimizer = reference.new_model_and_optimizer(work.vocab_size, cuda)
+        reference.train_steps(model, optimizer, work.reference_train, steps, cuda)
+
+    def ours(cuda_graph: bool):
+        def run() -> None:
+            model = new_model(work, cuda)
+            train_minibatch(
+                model, tokens, config, lambda step: None, tqdm(disable=True), cuda_graph=cuda_graph
+            )
+
+        return run
+
+    runners = {
+        "reference": synchronized(lecture_loop, cuda),
+        "eager": synchronized(ours(cuda_graph=False), cuda),
+        "graph": synchronized(ours(cuda_graph=True), cuda),
+    }
+    for warm_up in runners.values():  # CUDA context, kernels' first launch, torch._dynamo import
+        warm_up()
+    rates = {name: steps / s for name, s in interleaved_medians(runners, repeats).items()}
+    reference_rate = rates["reference"]
+
+    def row(measure: str, rate: float, goal: str = "", met: bool | None = None) -> Row:
+        return Row(
+            "GPU training",
+            measure,
+            f"{reference_rate:,.0f}",
+            f"{rate:,.0f}",
+            f"{rate / reference_rate:.1f}x",
+            goal,
+            met,
+        )
+
+    graph_ratio = rates["graph"] / reference_rate
+    return [
+        row(f"steps/s, eager CUDA step ({steps} steps)", rates["eager"]),
+        row(
+            f"steps/s, CUDA-graph step ({steps} steps)",
+            rates["graph"],
+            f">= {SPEEDUP_GOAL:.0f}x",
+            graph_ratio >= SPEEDUP_GOAL,
+        ),
+    ]
+
+
+def default_run(work: Workload, device: torch.device) -> tuple[float, float, float]:
+    """The train stage's default run (3000 steps, exact losses every 300): seconds, losses."""
+    tokens = work.train_tokens.to(device)
+    train_counts, val_counts = work.train_counts.to(device), work.val_counts.to(device)
+    model = new_model(work, device)
+    started = time.perf_counter()
+    train_minibatch(
+        model,
+        tokens,
+        DEFAULTS,
+        lambda step: exact_losses(model, train_counts, val_counts),
+        tqdm(disable=True),
+    )
+    train_loss, val_loss = exact_losses(model, train_counts, val_counts)
+    return time.perf_counter() - started, train_loss, val_loss
+
+
+def default_run_rows(work: Workload) -> list[Row]:
+    default_run(work, torch.device("cuda"))  # Warm-up: graph capture, first kernels.
+    gpu_s, gpu_train, gpu_val = default_run(work, torch.device("cuda"))
+    cpu_s, cpu_train, cpu_val = default_run(work, torch.device("cpu"))
+    gap = max(abs(gpu_train - cpu_train), abs(gpu_val - cpu_val))
+    return [
+        Row("GPU training", "default run, 3000 steps + 11 exact evals", "", f"{gpu_s:.2f} s"),
+        Row("GPU training", "the same run on this machine's CPU", "", f"{cpu_s:.2f} s"),
+        Row(
+            "GPU training",
+            "final exact train / val loss: GPU (CPU)",
+            "",
+            f"{gpu_train:.4f} / {gpu_val:.4f} ({cpu_train:.4f} / {cpu_val:.4f})",
+            "",
+            f"within {LOSS_TOLERANCE} of CPU",
+            gap <= LOSS_TOLERANCE,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
+    parser.add_argument("--corpus", help="Tiny Shakespeare (default: data/raw/input.txt)")
+    parser.add_argument("--steps", type=int, default=3000, help="steps per steps/s measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
+    args = parser.parse_args(argv)
+
+    summary = f"Machine: {machine_summary(torch.get_num_threads())}"
+    print(summary, flush=True)
+    if not torch.cuda.is_available():
+        print("no CUDA device: the GPU check is skipped (tests, steps/s and losses)")
+        return 0
+    tests_passed = run_cuda_tests()
+    work = load_workload(find_corpus(args.corpus))
+    rows = step_rate_rows(work, args.steps, args.repeats) + default_run_rows(work)
+    report = "\n".join(
+        [
+            summary,
+            f"Corpus: {work.corpus}",
+            f"CUDA tests (tests/test_cuda.py): {'passed' if tests_passed else 'FAILED'}",
+            "",
+            format_table(rows),
+        ]
+    )
+    print(report)
+    if args.output:
+        args.output.write_text(report + "\n", encoding="utf-8")
+    missed = [row for row in rows if row.met is False]
+    if missed:
+        print(f"{len(missed)} goal(s) missed (rows marked NO)", file=sys.stderr)
+    return 0 if tests_passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
