@@ -165,4 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stage_entry_point(main)()
+    stage_entry_point(main, __doc__)()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import signal
 import sys
@@ -24,11 +25,37 @@ def _raise_interrupted(signum, frame):
     raise StageInterrupted(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def stage_entry_point(main: Callable[[], None]) -> Callable[[], None]:
-    """Wrap a stage's main(): expected errors become one line on stderr and exit status 1."""
+def reject_arguments(prog: str, description: str) -> None:
+    """A stage takes no arguments: --help says what it does, anything else is a usage error.
+
+    Its inputs are params.yaml and the files of dvc.yaml; a flag such as `--lr 3e-3` must not
+    start a run that silently ignores it.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Its params come from params.yaml; DVC runs it (`dvc repro`, "
+        "`dvc exp run -S train.lr=3e-3`).",
+    )
+    parser.parse_args()
+
+
+def stage_entry_point(
+    main: Callable[[], None], description: str | None = None
+) -> Callable[[], None]:
+    """Wrap a stage's main(): expected errors become one line on stderr and exit status 1.
+
+    With a description (the stage module's docstring), the stage takes no command-line
+    arguments: see reject_arguments. Without one, main parses its own.
+    """
 
     @functools.wraps(main)
     def wrapper() -> None:
+        if description is not None:
+            module = sys.modules[main.__module__]
+            spec = getattr(module, "__spec__", None)
+            reject_arguments(f"python -m {spec.name if spec else main.__module__}", description)
         signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             main()

@@ -40,4 +40,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stage_entry_point(main)()
+    stage_entry_point(main, __doc__)()

@@ -155,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    stage_entry_point(main)()
+    stage_entry_point(main, __doc__)()
