@@ -1,4 +1,7 @@
-"""The lecture's algorithm (ng-video-lecture bigram.py), written anew as the benchmarks' baseline.
+"""The lecture's algorithm (ng-video-lecture bigram.py), written anew: the one readable reference.
+
+The benchmarks measure the pipeline against it, and the tests check that the pipeline's fast
+paths compute what it computes.
 
 It keeps what the pipeline improves on: batches stacked row by row in Python, a forward pass
 over every (B, T) position, ``estimate_loss`` from 200 random batches per split with a host
@@ -39,10 +42,15 @@ def split_tokens(tokens: torch.Tensor, train_fraction: float = 0.9):
     return tokens[:cut], tokens[cut:]
 
 
-def stacked_batch(tokens: torch.Tensor, device: torch.device | str = "cpu"):
+def stacked_batch(
+    tokens: torch.Tensor,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+):
     """(B, T) inputs and targets, one Python slice per row, as the lecture draws them; the
-    tokens stay on the CPU and each batch is copied to the device."""
-    starts = torch.randint(len(tokens) - BLOCK_SIZE, (BATCH_SIZE,))
+    tokens stay on the CPU and each batch is copied to the device. The lecture draws from the
+    global generator; tests pass their own to compare batch for batch with the pipeline."""
+    starts = torch.randint(len(tokens) - BLOCK_SIZE, (BATCH_SIZE,), generator=generator)
     inputs = torch.stack([tokens[start : start + BLOCK_SIZE] for start in starts])
     targets = torch.stack([tokens[start + 1 : start + BLOCK_SIZE + 1] for start in starts])
     return inputs.to(device), targets.to(device)
@@ -72,10 +80,15 @@ class ReferenceBigram(nn.Module):
 
 
 def train_steps(
-    model: ReferenceBigram, optimizer, train_tokens: torch.Tensor, steps: int, device="cpu"
+    model: ReferenceBigram,
+    optimizer,
+    train_tokens: torch.Tensor,
+    steps: int,
+    device="cpu",
+    generator: torch.Generator | None = None,
 ):
     for _ in range(steps):
-        inputs, targets = stacked_batch(train_tokens, device)
+        inputs, targets = stacked_batch(train_tokens, device, generator)
         _, loss = model(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
