@@ -124,16 +124,19 @@ def new_model_and_optimizer(vocab_size: int, device: torch.device | str = "cpu",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("corpus", help="path of the training text (Tiny Shakespeare)")
+    parser.add_argument("--max-iters", type=int, default=MAX_ITERS)
+    parser.add_argument("--eval-interval", type=int, default=EVAL_INTERVAL)
     args = parser.parse_args()
     started = time.perf_counter()
     with open(args.corpus, encoding="utf-8") as handle:
         chars, tokens = encode_corpus(handle.read())
     train_tokens, val_tokens = split_tokens(tokens)
     model, optimizer = new_model_and_optimizer(len(chars))
-    for step in range(0, MAX_ITERS, EVAL_INTERVAL):
-        losses = estimate_loss(model, {"train": train_tokens, "val": val_tokens})
-        print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        train_steps(model, optimizer, train_tokens, EVAL_INTERVAL)
+    for step in range(args.max_iters):
+        if step % args.eval_interval == 0:
+            losses = estimate_loss(model, {"train": train_tokens, "val": val_tokens})
+            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        train_steps(model, optimizer, train_tokens, 1)
     sample = model.generate(torch.zeros((1, 1), dtype=torch.long), SAMPLE_CHARS)[0].tolist()
     print("".join(chars[i] for i in sample))
     print(f"reference run: {time.perf_counter() - started:.2f} s after imports")

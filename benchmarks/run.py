@@ -1,6 +1,6 @@
 """Run the benchmarks and print one table: the reference and ours, measured in the same run.
 
-    python -m benchmarks.run                       # all six targets (a few minutes on 2 cores)
+    python -m benchmarks.run                       # every target (about 15 minutes on 2 cores)
     python -m benchmarks.run --quick               # fewer repeats and a 20 MB corpus
     python -m benchmarks.run --only training,generation
     python -m benchmarks.run --output bench.md     # also write the table to a file
@@ -16,7 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-TARGETS = ("training", "evaluation", "generation", "optimum", "corpus", "overhead")
+TARGETS = (
+    "training",
+    "evaluation",
+    "generation",
+    "optimum",
+    "corpus",
+    "overhead",
+    "scale",
+    "stage-cost",
+    "turnaround",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default=",".join(TARGETS),
-        help=f"comma-separated targets, by name or number 1-6: {', '.join(TARGETS)}",
+        help=f"comma-separated targets, by name or number 1-{len(TARGETS)}: {', '.join(TARGETS)}",
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller corpus")
     parser.add_argument("--repeats", type=int, help="repeats per measurement (default 5, quick 2)")
@@ -47,7 +57,9 @@ def _target_name(name: str, parser: argparse.ArgumentParser) -> str:
     if name.isdigit() and 1 <= int(name) <= len(TARGETS):
         return TARGETS[int(name) - 1]
     if name not in TARGETS:
-        parser.error(f"unknown target {name!r}; choose from {', '.join(TARGETS)} or 1-6")
+        parser.error(
+            f"unknown target {name!r}; choose from {', '.join(TARGETS)} or 1-{len(TARGETS)}"
+        )
     return name
 
 
@@ -59,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from benchmarks import compute, stages
+    from benchmarks import compute, stages, turnaround
     from benchmarks.measure import format_table, machine_summary
     from benchmarks.workload import find_corpus, load_workload
 
@@ -83,6 +95,15 @@ def main(argv: list[str] | None = None) -> None:
         "optimum": lambda: compute.optimum_rows(work, args.repeats),
         "corpus": lambda: stages.corpus_rows(corpus, args.corpus_mb, scratch, args.threads),
         "overhead": lambda: stages.overhead_rows(
+            corpus, scratch, args.threads, max(1, args.repeats // 2)
+        ),
+        "scale": lambda: turnaround.scale_rows(
+            corpus, scratch, args.threads, max(1, args.repeats // 2)
+        ),
+        "stage-cost": lambda: turnaround.stage_cost_rows(
+            corpus, scratch, args.threads, max(2, args.repeats // 2)
+        ),
+        "turnaround": lambda: turnaround.turnaround_rows(
             corpus, scratch, args.threads, max(1, args.repeats // 2)
         ),
     }
