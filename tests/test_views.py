@@ -328,7 +328,7 @@ def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets
     challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
     assert str(challenger.version) == str(version.version)
     generator = next(model for model in logged if model.name == "generator")
-    assert version.model_id == generator.model_id
+    assert version.source == f"models:/{generator.model_id}"  # the logged model, final losses
     assert float(version.tags["val_loss"]) == pytest.approx(val_loss, abs=1e-6)
 
 
