@@ -14,6 +14,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +24,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
@@ -377,10 +378,6 @@ def add_to_run(
     texts: dict[str, str] | None = None,
 ) -> None:
     """Add metrics and artifacts to a finished run without resuming it: its status stays."""
-    import time
-
-    from mlflow.entities import Metric
-
     client = MlflowClient()
     if metrics:
         now = int(time.time() * 1000)
