@@ -8,7 +8,7 @@ restores every other stage from its run-cache, when no other code of ours runs:
   restores a model from its run-cache, this stage rewrites it. It is a top-level metric in
   dvc.yaml, not a stage output: no hash of it enters dvc.lock, so dvc.lock stays byte-identical
   from run to run and clone to clone, while `dvc exp show` lists the run id of every experiment
-  (DVC adds top-level metrics to each experiment's commit although git ignores the file).
+  (see pipeline/runrecord.py for how it enters each experiment's commit).
 - Runs left RUNNING by a stage killed with SIGKILL (or the out-of-memory killer) on this host
   are ended KILLED, as any stage does when it starts; here this also happens when no stage runs.
 
@@ -20,15 +20,15 @@ nor torch and reads the store read-only (about 0.1 s). Other stores go through M
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import sqlite3
 from pathlib import Path
 
+from pipeline import runrecord
 from pipeline.errors import stage_entry_point
-from pipeline.files import file_sha256, process_is_alive, write_json
-from pipeline.paths import MODEL_PATH, RUN_INFO_PATH
+from pipeline.files import file_sha256, process_is_alive
+from pipeline.paths import MODEL_PATH
 
 # The same defaults as pipeline.tracking, which imports MLflow (a second): see store_path().
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -45,15 +45,6 @@ def store_path() -> Path | None:
             return None
         return Path(configured.removeprefix("sqlite:///").split("?", 1)[0])
     return Path(os.environ.get("DVC_ROOT") or ".").resolve() / STORE_FILE
-
-
-def is_linked(model_sha256: str) -> bool:
-    """Whether run.json was written for this very model."""
-    try:
-        record = json.loads(RUN_INFO_PATH.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(record, dict) and record.get("model_sha256") == model_sha256
 
 
 def abandoned_runs_in_sqlite(path: Path) -> bool | None:
@@ -86,10 +77,11 @@ def main() -> None:
         print(f"link: no {MODEL_PATH}, nothing to link")
         return
     model_sha256 = file_sha256(MODEL_PATH)
-    linked = is_linked(model_sha256)
+    linked = runrecord.recorded_model_sha256() == model_sha256
     store = store_path()
     abandoned = abandoned_runs_in_sqlite(store) if store is not None else None
     if linked and abandoned is False:
+        runrecord.stage_for_experiment()
         return  # The common case, a no-op `dvc repro`: nothing to do, nothing imported.
 
     # Imported only now: MLflow costs a second or two to import and connect.
@@ -100,10 +92,11 @@ def main() -> None:
     experiment_id = tracking.connect(params.tracking.experiment_name)
     tracking.end_runs_of_dead_processes(experiment_id)
     if linked:
+        runrecord.stage_for_experiment()
         return
     run_id = tracking.find_run(experiment_id, "train", tracking.MODEL_TAG, model_sha256)
     # A model pulled from a DVC remote may have been trained against another store.
-    write_json(RUN_INFO_PATH, {"mlflow_run_id": run_id, "model_sha256": model_sha256})
+    runrecord.write_run_record(run_id, model_sha256)
     if run_id is None:
         store_uri = tracking.shown_uri(tracking.tracking_uri())
         print(f"link: no training run in the MLflow store {store_uri} holds {MODEL_PATH}")

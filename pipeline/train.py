@@ -25,7 +25,7 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from tqdm import tqdm
 
-from pipeline import reproducibility, tracking
+from pipeline import reproducibility, runrecord, tracking
 from pipeline.data import bigram_counts, load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import stage_entry_point
 from pipeline.files import (
@@ -33,7 +33,6 @@ from pipeline.files import (
     file_sha256,
     outputs_removed_on_failure,
     read_json,
-    write_json,
 )
 from pipeline.model import BigramLanguageModel, save_model
 from pipeline.params import Params, load_params
@@ -227,7 +226,7 @@ def main() -> None:
             log_losses(curve[-1], datasets, model_id)
         model_sha256 = file_sha256(MODEL_PATH)
         mlflow.set_tag(tracking.MODEL_TAG, model_sha256)
-        write_json(RUN_INFO_PATH, {"mlflow_run_id": run.info.run_id, "model_sha256": model_sha256})
+        runrecord.write_run_record(run.info.run_id, model_sha256)
 
 
 if __name__ == "__main__":
