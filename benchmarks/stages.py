@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import statistics
 import sys
 import time
@@ -199,7 +200,9 @@ def overhead_rows(corpus: Path, work_dir: Path, threads: int, repeats: int) -> l
         repo = make_repo_copy(work_dir / f"repro-{attempt}", env)
         repro_walls.append(run_child(["dvc", "repro"], repo, env).wall_s)
     noop_runs = [run_child(["dvc", "repro"], repo, env) for _ in range(3)]
-    assert all("Running stage" not in run.stdout for run in noop_runs), "no-op repro reran"
+    # Only the link stage, which DVC runs every time (about 0.1 s), may run.
+    reran = [re.findall(r"Running stage '(\w+)'", run.stdout) for run in noop_runs]
+    assert all(stages == ["link"] for stages in reran), f"no-op repro reran {reran}"
     noop_s = statistics.median(run.wall_s for run in noop_runs)
     reference_s = statistics.median(reference_walls)
     repro_s = statistics.median(repro_walls)

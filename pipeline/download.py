@@ -139,9 +139,11 @@ def main() -> None:
     source = params.data.source
     timeout_s = seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
     delays_s = retry_delays(seconds_from_env(BACKOFF_ENV, DEFAULT_BACKOFF_S))
-    with tracking.stage_run("download", params, run_name="download") as run:
+    with tracking.stage_run("download", params, run_name="download"):
         mlflow.log_params({"data.url": params.data.url, "data.sha256": params.data.sha256})
-        mlflow.set_tag("corpus_source", source)
+        # Where this machine fetched the corpus from goes to MLflow, never into download.json:
+        # a DVC-tracked file must not differ between machines that fetched the same bytes.
+        mlflow.set_tags({"corpus_source": source, "corpus_sha256": params.data.sha256})
         started = time.perf_counter()
         size = download_verified(source, params.data.sha256, CORPUS_PATH, timeout_s, delays_s)
         seconds = time.perf_counter() - started
@@ -152,15 +154,7 @@ def main() -> None:
                 "download_mb_per_s": size / 1e6 / max(seconds, 1e-9),
             }
         )
-        write_json(
-            DOWNLOAD_INFO_PATH,
-            {
-                "source": source,
-                "sha256": params.data.sha256,
-                "bytes": size,
-                "mlflow_run_id": run.info.run_id,
-            },
-        )
+        write_json(DOWNLOAD_INFO_PATH, {"sha256": params.data.sha256, "bytes": size})
     print(f"downloaded {size:,} bytes from {source} to {CORPUS_PATH} (sha256 verified)")
 
 

@@ -14,11 +14,16 @@ class PipelineError(Exception):
 
 
 class StageInterrupted(BaseException):
-    """Raised on SIGTERM so that a killed stage unwinds like Ctrl-C (runs end KILLED)."""
+    """Raised on SIGTERM or SIGHUP so that a stopped stage unwinds like Ctrl-C (runs end KILLED).
+
+    SIGHUP is what a stage gets when its terminal closes.
+    """
 
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+# Signals that stop a stage cleanly, as Ctrl-C does: `kill`, and the terminal closing.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _raise_interrupted(signum, frame):
@@ -56,7 +61,8 @@ def stage_entry_point(
             module = sys.modules[main.__module__]
             spec = getattr(module, "__spec__", None)
             reject_arguments(f"python -m {spec.name if spec else main.__module__}", description)
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _raise_interrupted)
         try:
             main()
         except PipelineError as error:

@@ -1,7 +1,8 @@
 """Stage 4, evaluate: exact losses against the uniform baseline and the bigram optimum.
 
-Writes metrics.json for `dvc metrics` and logs the same numbers into the training run, plus a
-picture of the learned next-character table beside the one counted from the corpus.
+Writes metrics.json for `dvc metrics` and logs the same numbers into its own child run of the
+training run (found by model.pt's sha256) and adds them to the training run, plus a picture of
+the learned next-character table beside the one counted from the corpus.
 
 - train_loss, val_loss: mean loss over every bigram of each split (exact).
 - uniform_loss: ln(V), a uniform guess (4.1744 for V = 65).
@@ -25,7 +26,7 @@ import mlflow
 import numpy as np
 import torch
 
-from pipeline import tracking
+from pipeline import reproducibility, tracking
 from pipeline.data import (
     bigram_counts,
     conditional_entropy,
@@ -36,14 +37,13 @@ from pipeline.data import (
     uniform_loss,
 )
 from pipeline.errors import stage_entry_point
-from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
+from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, write_json
 from pipeline.model import bigram_loss_from_counts, load_model
 from pipeline.params import load_params
 from pipeline.paths import (
     METRICS_PATH,
     MODEL_PATH,
     PROBS_PLOT_PATH,
-    RUN_INFO_PATH,
     TRAIN_TOKENS_PATH,
     VAL_TOKENS_PATH,
     VOCAB_PATH,
@@ -97,6 +97,7 @@ def plot_next_char_probs(
 
 
 def main() -> None:
+    reproducibility.pin_threads()
     params = load_params()
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
@@ -105,10 +106,10 @@ def main() -> None:
         to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), "cpu"), len(chars)
     )
     val_counts = bigram_counts(to_device_tokens(load_tokens(VAL_TOKENS_PATH), "cpu"), len(chars))
-    training_run_id = read_json(RUN_INFO_PATH)["mlflow_run_id"]
+    training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
 
     with (
-        tracking.model_run("evaluate", params, training_run_id, stage_params={}),
+        tracking.model_run("evaluate", params, training_run, stage_params={}),
         outputs_removed_on_failure(METRICS_PATH, PROBS_PLOT_PATH),
     ):
         metrics = compute_metrics(logits, train_counts, val_counts)
@@ -118,9 +119,12 @@ def main() -> None:
         )
         write_json(METRICS_PATH, metrics)
         # Logged at the last training step: the run's latest value is then exactly metrics.json's.
-        mlflow.log_metrics(metrics, step=params.train.max_iters)
+        step = tracking.last_step(training_run, "val_loss")
+        mlflow.log_metrics(metrics, step=step)
         mlflow.log_artifact(str(METRICS_PATH))
         mlflow.log_artifact(str(PROBS_PLOT_PATH))
+        # The training run, which users compare, gets the same, without being resumed.
+        tracking.add_to_run(training_run, metrics, step, (METRICS_PATH, PROBS_PLOT_PATH))
     for name, value in metrics.items():
         print(f"{name:>30}: {value:.4f}")
 

@@ -1,15 +1,15 @@
 """Generate text from a trained model, registered, logged or on disk:
 
-    python -m pipeline.generate --model models:/bigram-shakespeare/latest \
+    python -m pipeline.generate --model models:/bigram-shakespeare@champion \
         --prompt "ROMEO:" --chars 300
 
-``--model`` takes a model URI (``models:/NAME/latest``, ``models:/NAME/3``, ``runs:/RUN_ID/model``,
-``runs:/RUN_ID/generator``), an MLflow model directory, or a ``model.pt`` written by the train
-stage (default ``data/train/model.pt``, its vocabulary from ``--vocab``). URIs are looked up in the
-project's MLflow store: ``mlflow.db`` at the repository root, or ``$MLFLOW_TRACKING_URI``. MLflow
-models carry their own vocabulary. The output is the prompt followed by the generated characters.
-``--chars``, ``--temperature`` and ``--seed`` default to params.yaml's ``sample`` section, whose
-``max_chars`` bounds ``--chars``.
+``--model`` takes a model URI (``models:/NAME@champion``, ``models:/NAME/3``,
+``runs:/RUN_ID/model``, ``runs:/RUN_ID/generator``), an MLflow model directory, or a
+``model.pt`` written by the train stage (default ``data/train/model.pt``, its vocabulary from
+``--vocab``). URIs are looked up in the project's MLflow store: ``mlflow.db`` at the repository
+root, or ``$MLFLOW_TRACKING_URI``. MLflow models carry their own vocabulary. The output is the
+prompt followed by the generated characters. ``--chars``, ``--temperature`` and ``--seed``
+default to params.yaml's ``sample`` section, whose ``max_chars`` bounds ``--chars``.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None, defaults: SampleParams) -> argparse.Names
     parser.add_argument(
         "--model",
         default=str(MODEL_PATH),
-        help="models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model directory or a model.pt "
-        f"(default: {MODEL_PATH})",
+        help="models:/NAME@champion, models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model "
+        f"directory or a model.pt (default: {MODEL_PATH})",
     )
     parser.add_argument("--prompt", default="", help="text to continue (default: start a line)")
     parser.add_argument(
@@ -75,7 +75,7 @@ def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
         chars = load_vocab(vocab_path)
         return TextGenerator(load_model(path, len(chars)), chars)
     raise PipelineError(
-        f"no model at {reference}: give a model URI (models:/NAME/latest, runs:/RUN_ID/model), "
+        f"no model at {reference}: give a model URI (models:/NAME@champion, runs:/RUN_ID/model), "
         f"an MLflow model directory or a model.pt (run `dvc repro train` to make {MODEL_PATH})"
     )
 

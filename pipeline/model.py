@@ -7,6 +7,7 @@ the model sees only the current character.
 from __future__ import annotations
 
 import bisect
+import io
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.files import write_bytes
 
 
 class BigramLanguageModel(nn.Module):
@@ -90,6 +92,17 @@ def bigram_loss_from_counts(logits: torch.Tensor, counts: torch.Tensor) -> torch
     """
     log_probs = F.log_softmax(logits.float(), dim=-1)
     return -(counts * log_probs).sum() / counts.sum()
+
+
+def save_model(model: BigramLanguageModel, path: Path) -> None:
+    """Save the weights so that the same weights always give the same bytes.
+
+    torch.save writes the name of the file it saves to into the zip archive's entry names; saved
+    to a buffer, every entry is named ``archive/...``, then the bytes are written atomically.
+    """
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_model(path: Path, vocab_size: int) -> BigramLanguageModel:

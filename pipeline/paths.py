@@ -21,6 +21,7 @@ MANIFEST_PATH = DATA_DIR / "vocab" / "manifest.json"
 # train
 MODEL_PATH = DATA_DIR / "train" / "model.pt"
 LOSS_CURVE_PATH = DATA_DIR / "train" / "loss_curve.csv"
+# Written by train and by link; a top-level metric of dvc.yaml, not a stage output.
 RUN_INFO_PATH = DATA_DIR / "train" / "run.json"
 
 # evaluate

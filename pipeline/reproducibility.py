@@ -56,12 +56,23 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def stage_dep_hashes(stage: str = TRAIN_STAGE) -> dict[str, str]:
-    """md5 of each file dep of a dvc.yaml stage (the train stage's deps are all files)."""
+def stage_deps(stage: str = TRAIN_STAGE) -> list[str]:
+    """The deps of a dvc.yaml stage, as declared."""
     from ruamel.yaml import YAML
 
-    deps = YAML(typ="safe", pure=True).load(DVC_FILE)["stages"][stage].get("deps", [])
-    return {dep: file_md5(Path(dep)) for dep in deps if Path(dep).is_file()}
+    return YAML(typ="safe", pure=True).load(DVC_FILE)["stages"][stage].get("deps", [])
+
+
+def stage_dep_hashes(stage: str = TRAIN_STAGE) -> dict[str, str]:
+    """md5 of each file dep of a dvc.yaml stage (the train stage's deps are all files)."""
+    return {dep: file_md5(Path(dep)) for dep in stage_deps(stage) if Path(dep).is_file()}
+
+
+def pin_threads() -> None:
+    """One torch thread: the order of a parallel float sum depends on the thread count, so
+    pinning it keeps CPU results (and the saved model's bytes) the same on every machine with
+    the same torch build and CPU family. Bigram tensors are too small to gain from threads."""
+    torch.set_num_threads(1)
 
 
 def device_name(device: torch.device) -> str:

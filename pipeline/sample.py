@@ -1,7 +1,8 @@
 """Stage 5, sample: generate text from the trained model, starting from a newline.
 
-The text is written to data/sample/sample.txt and logged into the training run. Sampling is
-seeded (sample.seed), so the same model and params give the same text.
+The text is written to data/sample/sample.txt and logged into the stage's own child run of the
+training run (found by model.pt's sha256), and added to the training run. Sampling is seeded
+(sample.seed), so the same model and params give the same text.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import mlflow
 from pipeline import tracking
 from pipeline.data import load_vocab
 from pipeline.errors import stage_entry_point
-from pipeline.files import outputs_removed_on_failure, read_json, write_text
+from pipeline.files import file_sha256, outputs_removed_on_failure, write_text
 from pipeline.model import load_model
 from pipeline.params import load_params
-from pipeline.paths import MODEL_PATH, RUN_INFO_PATH, SAMPLE_PATH, VOCAB_PATH
+from pipeline.paths import MODEL_PATH, SAMPLE_PATH, VOCAB_PATH
 from pipeline.textgen import TextGenerator
 
 
@@ -25,17 +26,18 @@ def main() -> None:
     config = params.sample
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
-    training_run_id = read_json(RUN_INFO_PATH)["mlflow_run_id"]
+    training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
     stage_params = {f"sample.{name}": value for name, value in dataclasses.asdict(config).items()}
 
     with (
-        tracking.model_run("sample", params, training_run_id, stage_params),
+        tracking.model_run("sample", params, training_run, stage_params),
         outputs_removed_on_failure(SAMPLE_PATH),
     ):
         generator = TextGenerator(model, chars)
         text = generator.generate("", config.num_chars, config.temperature, config.seed)
         write_text(SAMPLE_PATH, text)
         mlflow.log_text(text, "samples/sample.txt")
+        tracking.add_to_run(training_run, texts={"samples/sample.txt": text})
     print(text)
 
 

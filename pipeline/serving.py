@@ -5,16 +5,21 @@ Beside the PyTorch flavour (``model``, for ``mlflow.pytorch.load_model``), each 
 vocabulary. It is registered in the Model Registry under ``tracking.registered_model_name``, one
 version per training, so that
 
-    mlflow models serve -m models:/bigram-shakespeare/latest --env-manager local
+    mlflow models serve -m models:/bigram-shakespeare@champion --env-manager local
 
 answers ``POST /invocations`` with ``{"dataframe_records": [{"prompt": "ROMEO:", "chars": 200}]}``
 by ``{"predictions": ["ROMEO:..."]}``. The columns ``chars``, ``temperature`` and ``seed`` are
 optional; their defaults, and the ``max_chars`` bound, are the training's ``sample`` params.
+
+Registry aliases: every new version gets ``challenger``; ``champion`` moves to it only when its
+val loss beats the current champion's (the first version becomes champion).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -35,6 +40,8 @@ from pipeline.params import Params
 from pipeline.textgen import TextGenerator, check_request
 
 GENERATOR_ARTIFACT = "generator"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
 
 SIGNATURE = ModelSignature(
     inputs=Schema(
@@ -57,7 +64,9 @@ class BigramTextModel(mlflow.pyfunc.PythonModel):
         chars = load_vocab(Path(context.artifacts["vocab"]))
         model = load_model(Path(context.artifacts["weights"]), len(chars))
         self.generator = TextGenerator(model, chars)
-        self.defaults = dict(context.model_config)
+        # The training's sample params, an artifact rather than a model_config, which MLflow
+        # would log again as unprefixed run params.
+        self.defaults = json.loads(Path(context.artifacts["defaults"]).read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         return [self.generate(row) for row in model_input.to_dict("records")]
@@ -82,21 +91,37 @@ class BigramTextModel(mlflow.pyfunc.PythonModel):
         return value
 
 
-def log_text_generator(weights_path: Path, vocab_path: Path, params: Params):
-    """Log the pyfunc generator into the active run; returns MLflow's ModelInfo."""
+def log_text_generator(
+    weights_path: Path,
+    vocab_path: Path,
+    params: Params,
+    step: int = 0,
+    code_paths: list[str] | None = None,
+):
+    """Log the pyfunc generator into the active run at ``step``; returns MLflow's ModelInfo.
+
+    MLflow links the run's metrics logged at ``step`` to the logged model.
+    """
     pipeline_package = Path(__file__).resolve().parent
     sample = params.sample
+    defaults = {
+        "num_chars": sample.num_chars,
+        "temperature": sample.temperature,
+        "seed": sample.seed,
+        "max_chars": sample.max_chars,
+    }
+    defaults_path = Path(tempfile.mkdtemp(prefix="bigram-generator-")) / "defaults.json"
+    defaults_path.write_text(json.dumps(defaults))
     return mlflow.pyfunc.log_model(
         name=GENERATOR_ARTIFACT,
         python_model=str(pipeline_package / "generator_model.py"),
-        artifacts={"weights": str(weights_path), "vocab": str(vocab_path)},
-        code_paths=[str(pipeline_package)],
-        model_config={
-            "num_chars": sample.num_chars,
-            "temperature": sample.temperature,
-            "seed": sample.seed,
-            "max_chars": sample.max_chars,
+        artifacts={
+            "weights": str(weights_path),
+            "vocab": str(vocab_path),
+            "defaults": str(defaults_path),
         },
+        code_paths=code_paths or [str(pipeline_package)],
+        step=step,
         signature=SIGNATURE,
         input_example=INPUT_EXAMPLE,
         # Listing requirements skips MLflow's slow inference of them from a subprocess.
@@ -120,9 +145,9 @@ def register_version(
     train = params.train
     tags = {
         **{key: f"{value:.6f}" for key, value in metrics.items()},
-        "lr": str(train.lr),
-        "batch_size": str(train.batch_size),
-        "max_iters": str(train.max_iters),
+        "train.lr": str(train.lr),
+        "train.batch_size": str(train.batch_size),
+        "train.max_iters": str(train.max_iters),
     }
     if tracking.dvc_experiment_name():
         tags["dvc.exp_name"] = tracking.dvc_experiment_name()
@@ -134,11 +159,35 @@ def register_version(
             + f" after {train.max_iters} steps (lr {train.lr}, batch_size {train.batch_size},"
             f" seed {train.seed})"
         )
-        return mlflow.MlflowClient().update_model_version(
-            name, version.version, description=description
-        )
+        client = mlflow.MlflowClient()
+        updated = client.update_model_version(name, version.version, description=description)
+        set_aliases(client, name, version.version, metrics.get("val_loss"))
+        return updated
     except MlflowException as error:
         raise PipelineError(
             f"cannot register the model as '{name}' (tracking.registered_model_name) in "
             f"{mlflow.get_registry_uri()}: {error.message.splitlines()[0]}"
         ) from None
+
+
+def set_aliases(
+    client: mlflow.MlflowClient, name: str, version: str, val_loss: float | None
+) -> None:
+    """``challenger`` for every new version; ``champion`` when its val loss beats the champion's.
+
+    The champion's val loss is its training run's (the version's tag is rounded). Two trainings
+    finishing at the same instant may both see the old champion; the later write wins.
+    """
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    champion_loss = math.inf
+    if champion is not None:
+        champion_metrics = client.get_run(champion.run_id).data.metrics
+        champion_loss = champion_metrics.get(
+            "val_loss", float(champion.tags.get("val_loss", "inf"))
+        )
+    if champion is None or (val_loss is not None and val_loss < champion_loss):
+        client.set_registered_model_alias(name, CHAMPION, version)

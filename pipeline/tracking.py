@@ -14,6 +14,7 @@ import os
 import socket
 import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +24,7 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
@@ -41,6 +42,11 @@ SERVER_PROBE_TIMEOUT_S = 5
 # Which process runs a run, so that a later stage can end the runs of stages that were killed.
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
+# How a later stage finds the run that made its input: by the input's sha256, tagged on the run.
+# No run id enters a DVC-tracked file, so outputs stay byte-identical from run to run.
+MODEL_TAG = "model_sha256"
+MANIFEST_TAG = "manifest_sha256"
+CORPUS_TAG = "corpus_sha256"
 
 
 def repo_root() -> Path:
@@ -58,6 +64,24 @@ def tracking_uri() -> str:
 def dvc_experiment_name() -> str | None:
     """The experiment's name when the stage runs under `dvc exp run`, else None."""
     return os.environ.get("DVC_EXP_NAME") or None
+
+
+def run_name() -> str:
+    """The training run's name: the DVC experiment's, or ``<branch>@<short commit>``."""
+    if dvc_experiment_name():
+        return dvc_experiment_name()
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"
+    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+    return f"{branch}@{commit}"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def git_commit() -> str:
@@ -269,14 +293,14 @@ def stage_run(
     stage: str,
     params: Params,
     *,
-    run_id: str | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume, with run_id) an MLflow run that ends FINISHED, FAILED or KILLED.
+    """Start an MLflow run that ends FINISHED, FAILED or KILLED.
 
-    Ctrl-C and SIGTERM end it KILLED, any other error FAILED: no run is left RUNNING.
+    Ctrl-C, SIGTERM and SIGHUP end it KILLED, any other error FAILED: no run is left RUNNING.
+    A stage only ever ends the run it started here.
     """
     experiment_id = connect(params.tracking.experiment_name)
     end_runs_of_dead_processes(experiment_id)
@@ -284,17 +308,11 @@ def stage_run(
     if dvc_experiment_name():
         all_tags["dvc.exp_name"] = dvc_experiment_name()
     try:
-        if run_id:
-            # The resumed run is this process's now: it must not look abandoned while it runs.
-            for key, value in _process_tags().items():
-                MlflowClient().set_tag(run_id, key, value)
         run = mlflow.start_run(
-            run_id=run_id,
-            experiment_id=None if run_id else experiment_id,
-            run_name=None if run_id else run_name,
+            experiment_id=experiment_id,
+            run_name=run_name,
             parent_run_id=parent_run_id,
-            # A resumed run keeps the tags it was created with (its stage is "train").
-            tags=None if run_id else {**all_tags, **_process_tags()},
+            tags={**all_tags, **_process_tags()},
         )
     except MlflowException as error:
         raise PipelineError(f"cannot start the MLflow {stage} run: {_first_line(error)}") from None
@@ -309,31 +327,70 @@ def stage_run(
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+def find_run(experiment_id: str, stage: str, tag: str, value: str) -> str | None:
+    """The id of the latest FINISHED run of a stage tagged ``tag = value``, or None."""
+    found = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.stage = '{stage}' and tags.`{tag}` = '{value}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+def training_run_id(params: Params, model_sha256: str) -> str:
+    """The training run that made a model file: the latest FINISHED one tagged with its sha256."""
+    experiment_id = connect(params.tracking.experiment_name)
+    run_id = find_run(experiment_id, "train", MODEL_TAG, model_sha256)
+    if run_id is None:
+        raise PipelineError(
+            f"no finished training run in the MLflow store {shown_uri(tracking_uri())} holds "
+            f"data/train/model.pt (tag {MODEL_TAG} = {model_sha256[:12]}...): rerun training "
+            "with `dvc repro -f train`"
+        )
+    return run_id
+
+
 @contextlib.contextmanager
 def model_run(
-    stage: str, params: Params, training_run_id: str, stage_params: dict[str, Any]
+    stage: str, params: Params, training_run: str, stage_params: dict[str, Any]
 ) -> Iterator[mlflow.ActiveRun]:
-    """Log a downstream stage (evaluate, sample) into the run of the model it used.
+    """A downstream stage (evaluate, sample) logs into its own child run of the training run.
 
-    The training run already holds every param. If this stage's params were changed since
-    (`dvc exp run -S sample.temperature=0.8` reruns only sampling), MLflow params being
-    immutable, the stage logs into a child run of the training run instead.
+    The training run is never resumed, so its status stays the one training gave it; this
+    stage's failure or interruption shows on the child run alone.
     """
-    connect(params.tracking.experiment_name)
-    try:
-        logged = mlflow.get_run(training_run_id).data.params
-    except MlflowException:
-        raise PipelineError(
-            f"the training run {training_run_id} (data/train/run.json) is not in the MLflow "
-            f"store {shown_uri(tracking_uri())}: rerun training with `dvc repro -f train`"
-        ) from None
-    changed = {k: v for k, v in stage_params.items() if k in logged and logged[k] != str(v)}
-    if not changed:
-        with stage_run(stage, params, run_id=training_run_id) as run:
-            mlflow.log_params({k: v for k, v in stage_params.items() if k not in logged})
-            yield run
-        return
-    name = dvc_experiment_name() or f"{stage}-" + "-".join(f"{k}={v}" for k, v in changed.items())
-    with stage_run(stage, params, parent_run_id=training_run_id, run_name=name) as run:
-        mlflow.log_params(stage_params)
+    name = f"{stage} of {dvc_experiment_name() or run_name()}"
+    with stage_run(stage, params, parent_run_id=training_run, run_name=name) as run:
+        if stage_params:
+            mlflow.log_params(stage_params)
         yield run
+
+
+def add_to_run(
+    run_id: str,
+    metrics: dict[str, float] | None = None,
+    step: int = 0,
+    artifacts: tuple[Path, ...] = (),
+    texts: dict[str, str] | None = None,
+) -> None:
+    """Add metrics and artifacts to a finished run without resuming it: its status stays."""
+    client = MlflowClient()
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()], synchronous=True
+        )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    for artifact_file, text in (texts or {}).items():
+        client.log_text(run_id, text, artifact_file)
+
+
+def last_step(run_id: str, metric: str) -> int:
+    """The last step at which a run logged a metric (0 if never)."""
+    history = MlflowClient().get_metric_history(run_id, metric)
+    return max((entry.step for entry in history), default=0)

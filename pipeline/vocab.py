@@ -18,7 +18,13 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
+from pipeline.files import (
+    atomic_path,
+    file_sha256,
+    outputs_removed_on_failure,
+    read_json,
+    write_json,
+)
 from pipeline.params import load_params
 from pipeline.paths import (
     CORPUS_PATH,
@@ -116,7 +122,7 @@ def main() -> None:
     params = load_params()
     download_info = read_json(DOWNLOAD_INFO_PATH)
     with (
-        tracking.stage_run("vocab", params, run_name="vocab") as run,
+        tracking.stage_run("vocab", params, run_name="vocab"),
         outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
     ):
         mlflow.log_param("data.train_fraction", params.data.train_fraction)
@@ -142,15 +148,14 @@ def main() -> None:
             MANIFEST_PATH,
             {
                 "corpus_sha256": download_info["sha256"],
-                "corpus_source": download_info["source"],
-                "download_run_id": download_info["mlflow_run_id"],
-                "vocab_run_id": run.info.run_id,
                 "vocab_size": len(chars),
                 "train_tokens": num_train,
                 "val_tokens": num_val,
                 "dtype": str(token_dtype(len(chars))),
             },
         )
+        # Later stages find this run by the manifest's hash: no run id enters a DVC output.
+        mlflow.set_tag(tracking.MANIFEST_TAG, file_sha256(MANIFEST_PATH))
     print(f"vocabulary of {len(chars)} characters; {num_train:,} train and {num_val:,} val tokens")
 
 

@@ -92,9 +92,9 @@ def check_experiments_in_store(
         name = found.data.tags["dvc.exp_name"]
         assert found.info.status == "FINISHED", name
         assert found.info.run_name == name
-        key, value = names[name].removeprefix("train.").split("=")
-        assert float(found.data.params[key]) == float(value), name
-        assert shown[name]["params"][key] == pytest.approx(float(value))
+        param, value = names[name].split("=")
+        assert float(found.data.params[param]) == float(value), name
+        assert shown[name]["params"][param.removeprefix("train.")] == pytest.approx(float(value))
         metrics = shown[name]["metrics"]
         assert metrics.keys() <= found.data.metrics.keys()
         for metric, value in metrics.items():

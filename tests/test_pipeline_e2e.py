@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from tests.conftest import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
 
 pytestmark = pytest.mark.e2e
-STAGES = ("download", "vocab", "train", "evaluate", "sample")
+STAGES = ("download", "vocab", "train", "evaluate", "sample", "link")
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +77,20 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
         "download": 1,
         "vocab": 1,
         "train": 1,
+        "evaluate": 1,
+        "sample": 1,
     }
     assert all(r.info.status == "FINISHED" for found in stages.values() for r in found)
     training = stages["train"][0]
     run_id = training.info.run_id
     assert json.loads((repo / "data/train/run.json").read_text())["mlflow_run_id"] == run_id
+    for stage in ("evaluate", "sample"):
+        assert stages[stage][0].data.tags["mlflow.parentRunId"] == run_id
 
     params = training.data.params
-    assert params["lr"] == str(FAST_TRAIN["lr"])
-    assert params["max_iters"] == "300" and params["batch_size"] == "32"
-    assert params["block_size"] == "8" and params["device"] == "auto"
+    assert params["train.lr"] == str(FAST_TRAIN["lr"])
+    assert params["train.max_iters"] == "300" and params["train.batch_size"] == "32"
+    assert params["train.block_size"] == "8" and params["train.device"] == "auto"
     assert params["data.sha256"] == CORPUS_SHA256 and params["sample.temperature"] == "1.0"
 
     # The run's final metrics are exactly metrics.json's; the curve has one point per eval.
@@ -102,7 +106,9 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
     assert tags["device"] == "cpu" and tags["corpus_sha256"] == CORPUS_SHA256
     assert client.get_run(tags["download_run_id"]).data.tags["stage"] == "download"
     assert client.get_run(tags["vocab_run_id"]).data.tags["stage"] == "vocab"
-    assert training.inputs.dataset_inputs[0].dataset.digest == CORPUS_SHA256[:16]
+    digests = {i.dataset.name: i.dataset.digest for i in training.inputs.dataset_inputs}
+    assert digests["tinyshakespeare"] == CORPUS_SHA256[:16]
+    assert {"tinyshakespeare-train", "tinyshakespeare-val"} <= digests.keys()
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.csv", "vocab.json", "metrics.json", "next_char_probs.png"} <= artifacts
@@ -121,8 +127,9 @@ def test_logged_model_loads_with_mlflow_and_generates(reproduced):
 def test_unchanged_repro_runs_nothing_and_dvc_views_work(reproduced):
     repo, env, _ = reproduced
     second = run(["dvc", "repro"], repo, env)
-    assert "Running stage" not in second.stdout
-    assert sum(len(found) for found in runs_by_stage(client_for(repo)).values()) == 3
+    # Only the link stage, which DVC runs every time, and which logs nothing.
+    assert re.findall(r"Running stage '(\w+)'", second.stdout) == ["link"]
+    assert sum(len(found) for found in runs_by_stage(client_for(repo)).values()) == 5
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     assert "val_loss" in json.dumps(shown)
@@ -163,7 +170,7 @@ def test_mlflow_ui_started_in_the_repo_shows_the_runs(reproduced):
             headers={"Content-Type": "application/json"},
         )
         runs = json.load(urllib.request.urlopen(search, timeout=10))["runs"]
-        assert len(runs) == 3
+        assert len(runs) == 5
         assert {r["info"]["status"] for r in runs} == {"FINISHED"}
         training_run_id = json.loads((repo / "data/train/run.json").read_text())["mlflow_run_id"]
         artifact = urllib.request.urlopen(
@@ -188,7 +195,7 @@ def test_dvc_exp_run_makes_a_named_mlflow_run(reproduced):
     experiment_run = trainings[-1]
     assert experiment_run.info.run_name == exp_name
     assert experiment_run.data.tags["dvc.exp_name"] == exp_name
-    assert experiment_run.data.params["lr"] == "0.01"
+    assert experiment_run.data.params["train.lr"] == "0.01"
     assert experiment_run.info.status == "FINISHED"
 
     # `dvc exp show` lists the experiment's params and metrics beside the baseline's,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "vocab", "train", "evaluate", "sample")
+STAGES = ("download", "vocab", "train", "evaluate", "sample", "link")
 
 
 def run_stage(stage: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

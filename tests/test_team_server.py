@@ -39,7 +39,7 @@ from tests.experiments import (
 
 pytestmark = pytest.mark.e2e
 
-MODEL_URI = "models:/bigram-shakespeare/latest"
+MODEL_URI = "models:/bigram-shakespeare@champion"
 START_TIMEOUT_S = 120
 
 
@@ -225,13 +225,15 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
             "download": 1,
             "vocab": 1,
             "train": 1,
+            "evaluate": 1,
+            "sample": 1,
         }
         assert {r.info.status for found in stages.values() for r in found} == {"FINISHED"}
         (training,) = stages["train"]
         metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
         for name, value in metrics.items():
             assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
-        assert training.data.params["max_iters"] == "300"
+        assert training.data.params["train.max_iters"] == "300"
         check_run_on_server(training, url, tmp_path / "artifacts")
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
         (version,) = client.search_model_versions("name = 'bigram-shakespeare'")

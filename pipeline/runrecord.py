@@ -1,0 +1,44 @@
+"""data/train/run.json: the MLflow run that holds the workspace's model.
+
+Written by the train stage, and by the link stage after DVC restored a model from its run-cache.
+It is a top-level metric of dvc.yaml, not a stage output, and git ignores it: the run id differs
+from run to run and clone to clone, so it must enter neither dvc.lock nor a commit of `dvc repro`.
+DVC stages top-level metrics into an experiment's commit, but not a file git ignores; under
+`dvc exp run` (``DVC_EXP_NAME`` set) the file is therefore staged with ``git add --force``, so
+that `dvc exp show` lists each experiment's run id. Standard library only: the link stage runs on
+every `dvc repro` and must start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from pipeline.files import write_json
+from pipeline.paths import RUN_INFO_PATH
+
+
+def write_run_record(run_id: str | None, model_sha256: str) -> None:
+    write_json(RUN_INFO_PATH, {"mlflow_run_id": run_id, "model_sha256": model_sha256})
+    stage_for_experiment()
+
+
+def recorded_model_sha256() -> str | None:
+    """The model sha256 that run.json was written for, or None."""
+    try:
+        record = json.loads(RUN_INFO_PATH.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("model_sha256") if isinstance(record, dict) else None
+
+
+def stage_for_experiment() -> None:
+    """Under `dvc exp run`, stage run.json so that DVC commits it into the experiment."""
+    if not os.environ.get("DVC_EXP_NAME") or not RUN_INFO_PATH.is_file():
+        return
+    subprocess.run(
+        ["git", "add", "--force", "--", str(RUN_INFO_PATH)],
+        capture_output=True,
+        check=False,
+    )

@@ -1,0 +1,480 @@
+"""What users see is true: byte-identical outputs, complete stage deps, one story in DVC and
+MLflow (issue 9). Every check goes through the tools users use: the dvc CLI (--json), git, and
+MLflow's client."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from ruamel.yaml import YAML
+
+from pipeline import paths, serving
+from pipeline.model import BigramLanguageModel, save_model
+from tests.conftest import (
+    REPO_ROOT,
+    commit_all,
+    copy_trained_repo,
+    make_repo_copy,
+    mlflow_runs,
+    pipeline_env,
+    run,
+    run_stage,
+    update_params,
+)
+from tests.test_faults import ENDLESS_TRAINING, start_and_wait_for_training
+
+STAGES = ("download", "vocab", "train", "evaluate", "sample", "link")
+MODEL_NAME = "bigram-shakespeare"
+
+
+def dvc_yaml(repo: Path = REPO_ROOT) -> dict:
+    return YAML(typ="safe", pure=True).load(repo / "dvc.yaml")
+
+
+def store(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_of(repo: Path, stage: str) -> list:
+    return [r for r in mlflow_runs(repo) if r.data.tags.get("stage") == stage]
+
+
+# Complete deps -------------------------------------------------------------------------------
+
+
+def pipeline_imports(module: str) -> set[str]:
+    """The pipeline modules one module imports anywhere in it (in functions too)."""
+    tree = ast.parse((REPO_ROOT / Path(*module.split("."))).with_suffix(".py").read_text())
+    named: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            named |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            named.add(node.module)
+            named |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {
+        name
+        for name in named
+        if name.startswith("pipeline.")
+        and (REPO_ROOT / Path(*name.split("."))).with_suffix(".py").is_file()
+    }
+
+
+def import_closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(pipeline_imports(current))
+    return seen
+
+
+def test_each_stage_declares_exactly_the_modules_it_imports():
+    """Every pipeline module a stage imports, directly, transitively or inside a function, is a
+    dep of the stage, and no other module is: a new import cannot leave a stage stale."""
+    stages = dvc_yaml()["stages"]
+    assert set(stages) == set(STAGES)
+    for stage, spec in stages.items():
+        modules = import_closure(f"pipeline.{stage}")
+        if stage == "train":
+            # The registered pyfunc is built from this file, which serving names by path.
+            modules |= import_closure("pipeline.generator_model")
+        expected = {"pipeline/__init__.py"} | {m.replace(".", "/") + ".py" for m in modules}
+        declared = {dep for dep in spec["deps"] if dep.startswith("pipeline/")}
+        assert declared == expected, stage
+
+
+RECORD_PARAMS_READ = """
+import atexit, dataclasses, json, runpy, sys
+import pipeline.params as p
+
+stage, out = sys.argv[1], sys.argv[2]
+read = set()
+
+def recording(section, values):
+    fields = {field.name for field in dataclasses.fields(values)}
+
+    class Recording(type(values)):
+        def __getattribute__(self, name):
+            if name in fields:
+                read.add(f"{section}.{name}")
+            return object.__getattribute__(self, name)
+
+    copy = object.__new__(Recording)
+    for name in fields:
+        object.__setattr__(copy, name, getattr(values, name))
+    return copy
+
+load = p.load_params
+def load_params(*args, **kwargs):
+    params = load(*args, **kwargs)
+    names = [field.name for field in dataclasses.fields(params)]
+    return p.Params(**{name: recording(name, getattr(params, name)) for name in names})
+
+p.load_params = load_params
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(read))))
+sys.argv = [stage]
+runpy.run_module(f"pipeline.{stage}", run_name="__main__")
+"""
+
+
+def test_each_stage_declares_the_params_it_reads(prepared_copy, tmp_path):
+    """Each stage runs with params that record which of them are read; dvc.yaml must declare
+    every param read, and nothing it does not read."""
+    repo, env = prepared_copy
+    declared_by_stage = {
+        name: spec.get("params", []) for name, spec in dvc_yaml()["stages"].items()
+    }
+    for stage in STAGES:
+        if stage == "link":
+            (repo / paths.RUN_INFO_PATH).unlink()  # so that it looks the run up in MLflow
+        out = tmp_path / f"{stage}.json"
+        result = run([sys.executable, "-c", RECORD_PARAMS_READ, stage, str(out)], repo, env)
+        read = set(json.loads(out.read_text()))
+        declared = declared_by_stage[stage]
+        for name in read:
+            assert any(name == entry or name.startswith(f"{entry}.") for entry in declared), (
+                stage,
+                name,
+                result.stdout[-500:],
+            )
+        for entry in declared:
+            assert any(name == entry or name.startswith(f"{entry}.") for name in read), (
+                stage,
+                entry,
+            )
+
+
+def changed_stages(repo: Path, env: dict) -> set[str]:
+    status = json.loads(run(["dvc", "status", "--json"], repo, env).stdout)
+    assert status.pop("link") == ["always changed"]
+    return set(status)
+
+
+def test_editing_code_or_a_sample_param_reruns_exactly_the_affected_stages(trained_repo, tmp_path):
+    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
+    assert changed_stages(repo, env) == set()
+
+    model_py = repo / "pipeline/model.py"
+    original = model_py.read_text()
+    model_py.write_text(original + "\n# an edit\n")
+    assert changed_stages(repo, env) == {"train", "evaluate", "sample"}
+    model_py.write_text(original)
+
+    # The served model's default temperature is sample.temperature: training logs a new version.
+    update_params(repo, sample={"temperature": 0.8})
+    assert changed_stages(repo, env) == {"train", "sample"}
+    dry = run(["dvc", "repro", "--dry"], repo, env).stdout
+    assert set(re.findall(r"Running stage '(\w+)'", dry)) == {"train", "sample", "link"}
+
+
+# Byte-identical outputs --------------------------------------------------------------------
+
+
+def test_the_same_weights_always_give_the_same_model_file(tmp_path):
+    torch.manual_seed(0)
+    model = BigramLanguageModel(5)
+    save_model(model, tmp_path / "a/model.pt")
+    save_model(model, tmp_path / "b/other-name.pt")
+    assert (tmp_path / "a/model.pt").read_bytes() == (tmp_path / "b/other-name.pt").read_bytes()
+    buffer = io.BytesIO((tmp_path / "a/model.pt").read_bytes())
+    assert torch.equal(
+        torch.load(buffer)["token_embedding_table.weight"],
+        model.state_dict()["token_embedding_table.weight"],
+    )
+
+
+def dvc_outputs(repo: Path) -> dict[str, bytes]:
+    lock = YAML(typ="safe", pure=True).load(repo / "dvc.lock")["stages"]
+    return {
+        out["path"]: (repo / out["path"]).read_bytes()
+        for stage in lock.values()
+        for out in stage.get("outs", [])
+    }
+
+
+def test_a_forced_repro_gives_the_same_lock_and_outputs_byte_for_byte(trained_repo, tmp_path):
+    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
+    before = dvc_outputs(repo)
+    lock = (repo / "dvc.lock").read_bytes()
+
+    run(["dvc", "repro", "--force"], repo, env)
+
+    assert (repo / "dvc.lock").read_bytes() == lock
+    assert dvc_outputs(repo) == before
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""
+    # Nothing of one machine or run in what DVC hashes.
+    assert json.loads((repo / "data/raw/download.json").read_text()).keys() == {"sha256", "bytes"}
+    for name, content in before.items():
+        if name.endswith((".json", ".csv", ".txt")) and name != "data/raw/input.txt":
+            text = content.decode()
+            assert "file://" not in text and "127.0.0.1" not in text and "run_id" not in text
+
+
+@pytest.mark.e2e
+def test_a_fresh_copy_of_the_repo_reproduces_the_committed_lock(tmp_path, corpus_url):
+    """The committed dvc.lock and metrics come from a real default run; a fresh copy
+    of the repository reproduces them exactly. After a change to the pipeline's code or params,
+    regenerate them with `make pipeline-lock`."""
+    env = pipeline_env(corpus_url)
+    repo = make_repo_copy(tmp_path / "repo", env)
+    shutil.copy2(REPO_ROOT / "dvc.lock", repo / "dvc.lock")
+    commit_all(repo, env, "the committed lock")
+
+    run(["dvc", "repro"], repo, env)
+
+    assert run(["git", "status", "--porcelain"], repo, env).stdout == ""
+    assert (repo / "dvc.lock").read_bytes() == (REPO_ROOT / "dvc.lock").read_bytes()
+
+
+# One story in DVC and MLflow ---------------------------------------------------------------
+
+
+def param_names(repo: Path) -> set[str]:
+    params = YAML(typ="safe", pure=True).load(repo / "params.yaml")
+    return {f"{section}.{key}" for section, values in params.items() for key in values}
+
+
+def test_a_plain_repro_run_is_named_and_logs_each_param_once_as_dvc_names_it(trained_repo):
+    repo, env = trained_repo
+    (training,) = runs_of(repo, "train")
+    commit = run(["git", "rev-parse", "--short", "HEAD~1"], repo, env).stdout.strip()
+    assert training.info.run_name == f"main@{commit}"
+    assert set(training.data.params) == param_names(repo)
+    assert training.data.params["train.seed"] == "7" and "lr" not in training.data.params
+    (sampling,) = runs_of(repo, "sample")
+    assert set(sampling.data.params) == {n for n in param_names(repo) if n.startswith("sample.")}
+
+
+def exp_show(repo: Path, env: dict) -> dict[str, dict]:
+    """{experiment name: its metrics files} from `dvc exp show --json`."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    return {
+        exp["name"]: exp["revs"][0]["data"]["metrics"]
+        for baseline in shown
+        for exp in baseline.get("experiments") or []
+    }
+
+
+def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
+    result = run(["dvc", "exp", "run", "-S", override], repo, env)
+    return re.search(r"Ran experiment\(s\): (\S+)", result.stdout).group(1), result.stdout
+
+
+@pytest.mark.e2e
+def test_exp_show_names_the_mlflow_run_of_every_experiment_restored_ones_too(
+    trained_repo, tmp_path
+):
+    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
+    first, _ = exp_run(repo, env, "train.lr=0.05")
+    second, _ = exp_run(repo, env, "train.lr=0.005")
+    # The first experiment's params again: DVC restores every stage from its run-cache.
+    restored, stdout = exp_run(repo, env, "train.lr=0.05")
+    assert "Running stage 'train'" not in stdout
+
+    trainings = {r.data.tags["dvc.exp_name"]: r for r in runs_of(repo, "train")}
+    assert set(trainings) == {first, second}, "a restored experiment trains nothing"
+    for name, training in trainings.items():
+        assert training.info.run_name == name and training.info.status == "FINISHED"
+    shown = exp_show(repo, env)
+    run_ids = {name: shown[name]["data/train/run.json"]["data"]["mlflow_run_id"] for name in shown}
+    assert run_ids == {
+        first: trainings[first].info.run_id,
+        second: trainings[second].info.run_id,
+        restored: trainings[first].info.run_id,
+    }
+    for name in (first, second):
+        metrics = shown[name]["data/evaluate/metrics.json"]["data"]
+        assert trainings[name].data.metrics["val_loss"] == pytest.approx(metrics["val_loss"])
+
+    # The registry: lr 0.05 trains better in 300 steps than 0.005, so the champion stays.
+    client = store(repo)
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == "2"
+
+
+def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets(trained_repo):
+    repo, _ = trained_repo
+    (training,) = runs_of(repo, "train")
+    client = store(repo)
+    final = (repo / "data/train/loss_curve.csv").read_text().strip().splitlines()[-1]
+    step, train_loss, val_loss = (float(value) for value in final.split(","))
+    logged = client.search_logged_models(
+        [training.info.experiment_id], filter_string=f"source_run_id = '{training.info.run_id}'"
+    )
+    assert {model.name for model in logged} == {"model", "generator"}
+    for model in logged:
+        metrics = {m.key: m for m in model.metrics}
+        assert set(metrics) == {"train_loss", "val_loss"}, model.name
+        assert metrics["train_loss"].value == train_loss and metrics["val_loss"].value == val_loss
+        assert {m.step for m in metrics.values()} == {int(step)}
+        assert metrics["train_loss"].dataset_name == "tinyshakespeare-train"
+        assert metrics["val_loss"].dataset_name == "tinyshakespeare-val"
+    version = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert version.run_id == training.info.run_id
+    challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
+    assert str(challenger.version) == str(version.version)
+    generator = next(model for model in logged if model.name == "generator")
+    assert version.source == f"models:/{generator.model_id}"  # the logged model, final losses
+    assert float(version.tags["val_loss"]) == pytest.approx(val_loss, abs=1e-6)
+
+
+def test_champion_moves_only_to_a_version_with_a_lower_val_loss(tmp_path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("aliases")
+    client.create_registered_model(MODEL_NAME)
+    champions = []
+    for val_loss in (2.6, 2.7, 2.5, 2.5):
+        run_id = client.create_run(experiment_id).info.run_id
+        client.log_metric(run_id, "val_loss", val_loss)
+        version = str(client.create_model_version(MODEL_NAME, "file:///nowhere", run_id).version)
+        serving.set_aliases(client, MODEL_NAME, version, val_loss)
+        assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == version
+        champions.append(str(client.get_model_version_by_alias(MODEL_NAME, "champion").version))
+    assert champions == ["1", "1", "3", "3"]
+
+
+# Truthful run status -----------------------------------------------------------------------
+
+
+def test_evaluate_and_sample_log_into_child_runs_and_fail_on_their_own(prepared_copy):
+    repo, env = prepared_copy
+    for stage in ("train", "evaluate"):
+        assert run_stage(stage, repo, env).returncode == 0
+    (training,) = runs_of(repo, "train")
+    (evaluation,) = runs_of(repo, "evaluate")
+    assert evaluation.data.tags["mlflow.parentRunId"] == training.info.run_id
+    assert evaluation.info.status == "FINISHED"
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    assert store(repo).get_run(training.info.run_id).data.metrics == pytest.approx(metrics)
+
+    (repo / "data/sample").write_text("a file where the stage needs a directory")
+    result = run_stage("sample", repo, env)
+    assert result.returncode != 0
+    (sampling,) = runs_of(repo, "sample")
+    assert sampling.data.tags["mlflow.parentRunId"] == training.info.run_id
+    assert sampling.info.status == "FAILED"
+    statuses = {r.info.run_id: r.info.status for r in mlflow_runs(repo)}
+    assert statuses[training.info.run_id] == "FINISHED", "the training run keeps its status"
+
+
+def test_sighup_during_training_is_handled_like_sigterm(prepared_copy):
+    repo, env = prepared_copy
+    update_params(repo, train=ENDLESS_TRAINING)
+    training = start_and_wait_for_training([sys.executable, "-m", "pipeline.train"], repo, env)
+    try:
+        training.send_signal(signal.SIGHUP)
+        _, stderr = training.communicate(timeout=60)
+    finally:
+        training.kill()
+    assert training.returncode == 130
+    assert stderr.strip() == (
+        "error: stopped by signal SIGHUP; no partial output was left, rerun the stage"
+    )
+    assert not (repo / "data/train/model.pt").exists()
+    (killed,) = runs_of(repo, "train")
+    assert killed.info.status == "KILLED"
+
+
+@pytest.mark.e2e
+def test_a_sigkilled_training_run_is_ended_by_a_repro_in_which_every_stage_is_cached(
+    trained_repo, tmp_path
+):
+    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
+    run(["dvc", "repro", "--force"], repo, env)  # a training run in this copy's store
+    fast = YAML(typ="safe", pure=True).load(repo / "params.yaml")["train"]
+    update_params(repo, train=ENDLESS_TRAINING)
+    repro = start_and_wait_for_training(["dvc", "repro"], repo, env)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.communicate(timeout=60)
+    assert [r.info.status for r in runs_of(repo, "train")] == ["FINISHED", "RUNNING"]
+
+    update_params(repo, train=fast)
+    result = run(["dvc", "repro"], repo, env)
+
+    assert re.findall(r"Running stage '(\w+)'", result.stdout) == ["link"], result.stdout
+    assert [r.info.status for r in runs_of(repo, "train")] == ["FINISHED", "KILLED"]
+    assert "RUNNING" not in {r.info.status for r in mlflow_runs(repo)}
+
+
+def test_the_link_stage_of_a_no_op_repro_is_cheap(trained_repo):
+    """It runs on every `dvc repro`: without MLflow or torch when there is nothing to do."""
+    repo, env = trained_repo
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        result = run([sys.executable, "-X", "importtime", "-m", "pipeline.link"], repo, env)
+        timings.append(time.perf_counter() - started)
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    assert "mlflow" not in imported and "torch" not in imported
+    assert min(timings) < 0.5, timings
+
+
+# Plots and metrics files -------------------------------------------------------------------
+
+
+def test_plots_show_draws_one_loss_chart_and_the_heatmap_once(trained_repo):
+    repo, env = trained_repo
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo, env).stdout)
+    plots = shown.get("data", shown)
+    assert set(plots) == {"loss_curve", "data/evaluate/next_char_probs.png"}
+    assert len(plots["data/evaluate/next_char_probs.png"]) == 1
+    (chart,) = plots["loss_curve"]
+    spec = json.dumps(chart["content"])
+    assert '"step"' in spec and "train_loss" in spec and "val_loss" in spec
+    values = chart["content"]["data"]["values"]
+    assert {row["step"] for row in values} == {"0", "100", "200", "300"}
+    assert {row["field"] for row in values} == {"train_loss", "val_loss"}
+
+
+def test_metrics_are_read_from_git_and_run_json_is_a_metric(trained_repo):
+    """metrics.json is a small file DVC reads from git (cache: false). The loss curve stays in
+    DVC's cache: as an uncached plain output it would stop DVC's run-cache for train, and as a
+    stage plot DVC would draw it a second time."""
+    repo, env = trained_repo
+    spec = dvc_yaml(repo)
+    assert spec["stages"]["evaluate"]["metrics"] == [
+        {"data/evaluate/metrics.json": {"cache": False}}
+    ]
+    assert "data/train/loss_curve.csv" in spec["stages"]["train"]["outs"]
+    tracked = run(["git", "ls-files", "data"], repo, env).stdout.split()
+    assert tracked == ["data/evaluate/metrics.json"]
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    shown = json.dumps(metrics)
+    assert "data/train/run.json" in shown and "data/evaluate/metrics.json" in shown
+    assert list((repo / ".dvc/cache/runs").iterdir()), "the run-cache is in use"
+
+
+def test_paths_module_names_the_paths_dvc_yaml_declares():
+    spec = dvc_yaml()
+    declared = {m for m in spec["metrics"]}
+    for stage in spec["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                declared.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    named = {str(value) for name, value in vars(paths).items() if name.endswith("_PATH")}
+    assert named == declared
+
+
+def test_committed_outputs_are_those_of_the_default_run():
+    """metrics.json in git belongs to the committed dvc.lock."""
+    import hashlib
+
+    lock = YAML(typ="safe", pure=True).load(REPO_ROOT / "dvc.lock")["stages"]
+    recorded = {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
+    for name in ("data/evaluate/metrics.json",):
+        content = (REPO_ROOT / name).read_bytes()
+        assert hashlib.md5(content).hexdigest() == recorded[name], name
