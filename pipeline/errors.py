@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
+
+from pipeline.secrets import masked
 
 
 class PipelineError(Exception):
@@ -18,6 +23,29 @@ class StageInterrupted(BaseException):
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+# A full file system, a full quota, or the file size limit (ulimit -f, RLIMIT_FSIZE).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_message(error: OSError) -> str:
+    """One line naming the file that could not be written; error.filename2 is a copy's target."""
+    where = error.filename2 or error.filename or "a file"
+    return (
+        f"cannot write {where} ({error.strerror}): free space on its file system (or raise the "
+        "file size limit, `ulimit -f`) and rerun the stage; no partial output was left"
+    )
+
+
+def fail(message: str) -> NoReturn:
+    # Masked here, where every message passes, so that none can show a password.
+    print(f"error: {masked(message)}", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+
+
+def fail_with_traceback() -> NoReturn:
+    """A bug, not a user's mistake: keep the traceback, but without any password in it."""
+    print(masked(traceback.format_exc()), end="", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
 
 
 def _raise_interrupted(signum, frame):
@@ -33,11 +61,17 @@ def stage_entry_point(main: Callable[[], None]) -> Callable[[], None]:
         try:
             main()
         except PipelineError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(EXIT_ERROR)
+            fail(str(error))
         except (KeyboardInterrupt, StageInterrupted) as interruption:
             how = str(interruption) or "stopped by Ctrl-C (SIGINT)"
             print(f"error: {how}; no partial output was left, rerun the stage", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
+        except OSError as error:
+            # Whoever wrote (numpy, torch, MLflow copying artifacts), a full disk is the same fix.
+            if error.errno in DISK_FULL:
+                fail(disk_full_message(error))
+            fail_with_traceback()
+        except Exception:
+            fail_with_traceback()
 
     return wrapper

@@ -39,7 +39,7 @@ from pipeline.errors import stage_entry_point
 from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.model import bigram_loss_from_counts, load_model
 from pipeline.params import load_params
-from pipeline.train import MODEL_PATH, RUN_INFO_PATH
+from pipeline.train import MODEL_PATH, RUN_INFO_FIELDS, RUN_INFO_PATH
 from pipeline.vocab import TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
 
 EVALUATE_DIR = Path("data/evaluate")
@@ -102,7 +102,7 @@ def main() -> None:
         to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), "cpu"), len(chars)
     )
     val_counts = bigram_counts(to_device_tokens(load_tokens(VAL_TOKENS_PATH), "cpu"), len(chars))
-    training_run_id = read_json(RUN_INFO_PATH)["mlflow_run_id"]
+    training_run_id = read_json(RUN_INFO_PATH, RUN_INFO_FIELDS)["mlflow_run_id"]
 
     with (
         tracking.model_run("evaluate", params, training_run_id, stage_params={}),

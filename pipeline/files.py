@@ -64,6 +64,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
+    except OSError as error:
+        # A write through a file object (a full disk) names no file: name the output.
+        if error.filename is None:
+            error.filename = str(path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -88,13 +93,30 @@ def write_text(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, required: dict[str, type | tuple[type, ...]] | None = None) -> Any:
+    """Read a JSON file; with ``required``, check it is an object holding those keys and types.
+
+    Stages check their inputs this way before they start removing outputs on failure, so a
+    damaged input (``{}``, a zero-byte file) stops them with the previous outputs intact.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run `dvc repro` to rebuild it") from None
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{path} is not valid JSON ({error}): rerun `dvc repro`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineError(
+            f"{path} is not valid JSON ({error}): it is damaged; rerun `dvc repro --force` "
+            "for the stage that writes it"
+        ) from None
+    except OSError as error:
+        raise PipelineError(f"{path} cannot be read ({error.strerror})") from None
+    for key, kind in (required or {}).items():
+        if not isinstance(payload, dict) or not isinstance(payload.get(key), kind):
+            raise PipelineError(
+                f"{path} has no valid '{key}': it is damaged; rerun `dvc repro --force` for the "
+                "stage that writes it"
+            )
+    return payload
 
 
 @contextlib.contextmanager

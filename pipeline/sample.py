@@ -18,7 +18,7 @@ from pipeline.files import outputs_removed_on_failure, read_json, write_text
 from pipeline.model import load_model
 from pipeline.params import load_params
 from pipeline.textgen import TextGenerator
-from pipeline.train import MODEL_PATH, RUN_INFO_PATH
+from pipeline.train import MODEL_PATH, RUN_INFO_FIELDS, RUN_INFO_PATH
 from pipeline.vocab import VOCAB_PATH
 
 SAMPLE_PATH = Path("data/sample/sample.txt")
@@ -29,7 +29,7 @@ def main() -> None:
     config = params.sample
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
-    training_run_id = read_json(RUN_INFO_PATH)["mlflow_run_id"]
+    training_run_id = read_json(RUN_INFO_PATH, RUN_INFO_FIELDS)["mlflow_run_id"]
     stage_params = {f"sample.{name}": value for name, value in dataclasses.asdict(config).items()}
 
     with (

@@ -24,15 +24,30 @@ from tqdm import tqdm
 from pipeline import reproducibility, tracking
 from pipeline.data import batch_at, bigram_counts, load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
+from pipeline.files import (
+    atomic_open,
+    atomic_path,
+    outputs_removed_on_failure,
+    read_json,
+    write_json,
+)
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import Params, TrainParams, load_params
-from pipeline.vocab import MANIFEST_PATH, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH
+from pipeline.secrets import masked
+from pipeline.vocab import (
+    MANIFEST_FIELDS,
+    MANIFEST_PATH,
+    TRAIN_TOKENS_PATH,
+    VAL_TOKENS_PATH,
+    VOCAB_PATH,
+)
 
 TRAIN_DIR = Path("data/train")
 MODEL_PATH = TRAIN_DIR / "model.pt"
 LOSS_CURVE_PATH = TRAIN_DIR / "loss_curve.csv"
 RUN_INFO_PATH = TRAIN_DIR / "run.json"
+# What evaluate and sample read from run.json (read_json checks them).
+RUN_INFO_FIELDS = {"mlflow_run_id": str}
 MODEL_ARTIFACT = "model"
 
 EvalCallback = Callable[[int], None]
@@ -227,7 +242,7 @@ def log_training_run_inputs(params: Params, manifest: dict, device: torch.device
         }
     )
     corpus = MetaDataset(
-        source=HTTPDatasetSource(params.data.url),
+        source=HTTPDatasetSource(masked(params.data.url)),
         name="tinyshakespeare",
         digest=manifest["corpus_sha256"][:16],
     )
@@ -268,7 +283,7 @@ def register_text_generator(params: Params, run_id: str, final_eval: dict) -> No
 def main() -> None:
     params = load_params()
     config = params.train
-    manifest = read_json(MANIFEST_PATH)
+    manifest = read_json(MANIFEST_PATH, MANIFEST_FIELDS)
     vocab = load_vocab(VOCAB_PATH)
     device = resolve_device(config.device)
     train_tokens = to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), device)
@@ -307,8 +322,10 @@ def main() -> None:
         )
         progress.close()
 
-        with atomic_path(MODEL_PATH) as tmp_path:
-            torch.save(model.state_dict(), tmp_path)
+        # Through a Python file, so that a full disk is an OSError naming the file (torch's own
+        # writer reports it as "unexpected pos" or "basic_ios::clear").
+        with atomic_open(MODEL_PATH, "wb") as handle:
+            torch.save(model.state_dict(), handle)
         with atomic_path(LOSS_CURVE_PATH) as tmp_path:
             pd.DataFrame(curve).to_csv(tmp_path, index=False)
         mlflow.log_artifact(str(LOSS_CURVE_PATH))

@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 
 from pipeline import tracking
-from pipeline.download import CORPUS_PATH, DOWNLOAD_INFO_PATH
+from pipeline.download import CORPUS_PATH, DOWNLOAD_INFO_FIELDS, DOWNLOAD_INFO_PATH
 from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.files import atomic_path, outputs_removed_on_failure, read_json, write_json
 from pipeline.params import load_params
@@ -27,6 +27,13 @@ VOCAB_PATH = VOCAB_DIR / "vocab.json"
 TRAIN_TOKENS_PATH = VOCAB_DIR / "train.npy"
 VAL_TOKENS_PATH = VOCAB_DIR / "val.npy"
 MANIFEST_PATH = VOCAB_DIR / "manifest.json"
+# What the train stage reads from manifest.json (read_json checks them).
+MANIFEST_FIELDS = {
+    "corpus_sha256": str,
+    "corpus_source": str,
+    "download_run_id": str,
+    "vocab_run_id": str,
+}
 
 # 1 MB of UTF-8 becomes up to 4 MB of code points: small beside any corpus, and large enough
 # that numpy, not Python, does the work.
@@ -106,14 +113,22 @@ def encode_split(
         for codepoints in read_codepoints(path, chunk_bytes):
             tokens = lookup[codepoints]
             head = max(0, min(len(tokens), num_train - position))
-            train.write(tokens[:head])
-            val.write(tokens[head:])
+            for out, part, out_path in (
+                (train, tokens[:head], train_out),
+                (val, tokens[head:], val_out),
+            ):
+                try:
+                    out.write(part)
+                except OSError as error:
+                    # A write to a file object names no file; a full disk must name it.
+                    error.filename = str(out_path)
+                    raise
             position += len(tokens)
 
 
 def main() -> None:
     params = load_params()
-    download_info = read_json(DOWNLOAD_INFO_PATH)
+    download_info = read_json(DOWNLOAD_INFO_PATH, DOWNLOAD_INFO_FIELDS)
     with (
         tracking.stage_run("vocab", params, run_name="vocab") as run,
         outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
