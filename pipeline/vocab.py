@@ -113,16 +113,8 @@ def encode_split(
         for codepoints in read_codepoints(path, chunk_bytes):
             tokens = lookup[codepoints]
             head = max(0, min(len(tokens), num_train - position))
-            for out, part, out_path in (
-                (train, tokens[:head], train_out),
-                (val, tokens[head:], val_out),
-            ):
-                try:
-                    out.write(part)
-                except OSError as error:
-                    # A write to a file object names no file; a full disk must name it.
-                    error.filename = str(out_path)
-                    raise
+            train.write(tokens[:head])
+            val.write(tokens[head:])
             position += len(tokens)
 
 
