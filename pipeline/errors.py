@@ -27,6 +27,19 @@ EXIT_INTERRUPTED = 130
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The full-disk OSError behind error, if any: libraries may wrap it (torch's zip writer
+    raises RuntimeError("unexpected pos") while handling it)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def disk_full_message(error: OSError) -> str:
     """One line naming the file that could not be written; error.filename2 is a copy's target."""
     where = error.filename2 or error.filename or "a file"
@@ -66,12 +79,11 @@ def stage_entry_point(main: Callable[[], None]) -> Callable[[], None]:
             how = str(interruption) or "stopped by Ctrl-C (SIGINT)"
             print(f"error: {how}; no partial output was left, rerun the stage", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
-        except OSError as error:
+        except Exception as error:
             # Whoever wrote (numpy, torch, MLflow copying artifacts), a full disk is the same fix.
-            if error.errno in DISK_FULL:
-                fail(disk_full_message(error))
-            fail_with_traceback()
-        except Exception:
+            full = disk_full_cause(error)
+            if full is not None:
+                fail(disk_full_message(full))
             fail_with_traceback()
 
     return wrapper

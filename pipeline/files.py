@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, disk_full_cause
 
 
 def _umask_file_mode() -> int:
@@ -64,10 +64,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
-    except OSError as error:
-        # A write through a file object (a full disk) names no file: name the output.
-        if error.filename is None:
-            error.filename = str(path)
+    except Exception as error:
+        # A write through a file object names no file: a full disk must name the output.
+        full = disk_full_cause(error)
+        if full is not None and full.filename is None:
+            full.filename = str(path)
         raise
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -166,20 +166,13 @@ def prepared_copy(prepared_repo, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     template, env = prepared_repo
     repo = tmp_path / "repo"
     shutil.copytree(template, repo, symlinks=True)
-    point_store_at(repo)
-    return repo, dict(env)
-
-
-def point_store_at(repo: Path) -> None:
-    """Make a copied repo's store keep artifacts in the copy's own mlartifacts/.
-
-    The store records the experiment's artifact directory as an absolute path: left alone, a
-    copy's artifacts would land in the original's (and the stages refuse such a store).
-    """
+    # The store records the experiment's artifact directory as an absolute path; point it at the
+    # copy's own, so that artifacts logged here do not land in the template.
     with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db, db:
         db.execute(
             "UPDATE experiments SET artifact_location = ?", ((repo / "mlartifacts").as_uri(),)
         )
+    return repo, dict(env)
 
 
 def run_stage(stage: str, repo: Path, env: dict[str, str], timeout: int = 120):

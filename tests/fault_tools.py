@@ -1,5 +1,6 @@
-"""Real faults for the tests: a full file system, a file size limit, another user, a server
-that asks for a password, and a search for a secret in everything a run leaves behind."""
+"""Real faults for the tests: a full file system, a file size limit, file modes that hold even
+for root, a server that asks for a password, and a search for a secret in everything a run
+leaves behind."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-NOBODY = 65534
 # The file that fills a small file system; not an output of anything.
 FILLER = ".filler"
 
@@ -80,19 +80,19 @@ def file_size_limit(limit_bytes: int) -> Callable[[], None]:
     return limit
 
 
-def as_nobody() -> None:
-    """preexec_fn: run the child as the unprivileged user nobody (root passes file modes)."""
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+def without_permission_override() -> list[str]:
+    """A command prefix under which file modes hold for this process, even as root.
 
-
-def open_to_everyone(path: Path) -> None:
-    """Let another user read everything under path, and walk every directory above it."""
-    for directory in [path, *path.parents]:
-        directory.chmod(directory.stat().st_mode | 0o005)
-    for child in path.rglob("*"):
-        child.chmod(child.stat().st_mode | (0o005 if child.is_dir() else 0o004))
+    Root passes every file mode through the capabilities CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH; without them, root is an owner like any other (mode 444 is read-only,
+    000 unreadable). An unprivileged user needs no prefix.
+    """
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux): file modes cannot be enforced")
+    dropped = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={dropped}", f"--inh-caps={dropped}"]
 
 
 class BasicAuthCorpus(http.server.SimpleHTTPRequestHandler):
