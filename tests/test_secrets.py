@@ -9,6 +9,7 @@ MLflow store and artifacts, DVC's files) and everything they printed is searched
 from __future__ import annotations
 
 import configparser
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +27,8 @@ from tests.conftest import (
 from tests.fault_tools import basic_auth_server, files_holding
 from tests.test_team_server import background
 
-PASSWORD = "Pa55-w0rd-nobody-may-see"
+# Made up per test session, so that no file (this one in a repo copy included) holds it before.
+PASSWORD = f"pw-{secrets.token_hex(12)}"
 
 
 def test_masked_hides_the_password_of_every_url_in_a_text():
@@ -96,7 +98,12 @@ def auth_server(tmp_path_factory, corpus_url) -> Iterator[str]:
         config.write(handle)
     from tests.conftest import pipeline_env
 
-    env = pipeline_env(corpus_url, MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"))
+    env = pipeline_env(
+        corpus_url,
+        MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"),
+        # The auth app's CSRF protection needs a key that stays the same while it runs.
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+    )
     port = free_port()
     cmd = [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth"]
     cmd += ["--backend-store-uri", f"sqlite:///{workdir / 'server.db'}"]
