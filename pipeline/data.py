@@ -16,8 +16,18 @@ COUNT_CHUNK_TOKENS = 1 << 22
 
 
 def load_vocab(path: Path) -> list[str]:
-    chars = read_json(path)["chars"]
-    return list(chars)
+    """The vocabulary written by the vocab stage: distinct single characters, at least 2."""
+    chars = read_json(path, required={"chars": list})["chars"]
+    if (
+        len(chars) < 2
+        or not all(isinstance(char, str) and len(char) == 1 for char in chars)
+        or len(set(chars)) != len(chars)
+    ):
+        raise PipelineError(
+            f"{path} is not a vocabulary: 'chars' must list 2 or more distinct single "
+            "characters; rerun `dvc repro --force vocab`"
+        )
+    return chars
 
 
 def load_tokens(path: Path) -> np.ndarray:
@@ -27,11 +37,21 @@ def load_tokens(path: Path) -> np.ndarray:
     nothing writes to it, and the file itself is never changed.
     """
     try:
-        return np.load(path, mmap_mode="c")
+        tokens = np.load(path, mmap_mode="c")
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run `dvc repro vocab` to rebuild it") from None
-    except ValueError as error:
-        raise PipelineError(f"{path} is not a token file ({error}): rerun `dvc repro`") from None
+    except (ValueError, EOFError, OSError) as error:
+        # A zero-byte file is an EOFError, a truncated one a ValueError.
+        reason = getattr(error, "strerror", None) or error or type(error).__name__
+        raise PipelineError(
+            f"{path} is not a token file ({reason}): it is damaged; rerun `dvc repro --force vocab`"
+        ) from None
+    if tokens.ndim != 1 or tokens.dtype.kind != "u":
+        raise PipelineError(
+            f"{path} holds {tokens.dtype} of shape {tokens.shape}, not a row of token ids: it is "
+            "damaged; rerun `dvc repro --force vocab`"
+        )
+    return tokens
 
 
 def to_device_tokens(tokens: np.ndarray, device: torch.device | str) -> torch.Tensor:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import signal
 import sys
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
+
+from pipeline.secrets import masked
 
 
 class PipelineError(Exception):
@@ -24,6 +29,42 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 # Signals that stop a stage cleanly, as Ctrl-C does: `kill`, and the terminal closing.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# A full file system, a full quota, or the file size limit (ulimit -f, RLIMIT_FSIZE).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full_cause(error: BaseException) -> OSError | None:
+    """The full-disk OSError behind error, if any: libraries may wrap it (torch's zip writer
+    raises RuntimeError("unexpected pos") while handling it)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def disk_full_message(error: OSError) -> str:
+    """One line naming the file that could not be written; error.filename2 is a copy's target."""
+    where = error.filename2 or error.filename or "a file"
+    return (
+        f"cannot write {where} ({error.strerror}): free space on its file system (or raise the "
+        "file size limit, `ulimit -f`) and rerun the stage; no partial output was left"
+    )
+
+
+def fail(message: str) -> NoReturn:
+    # Masked here, where every message passes, so that none can show a password.
+    print(f"error: {masked(message)}", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
+
+
+def fail_with_traceback() -> NoReturn:
+    """A bug, not a user's mistake: keep the traceback, but without any password in it."""
+    print(masked(traceback.format_exc()), end="", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
 
 
 def _raise_interrupted(signum, frame):
@@ -66,11 +107,16 @@ def stage_entry_point(
         try:
             main()
         except PipelineError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(EXIT_ERROR)
+            fail(str(error))
         except (KeyboardInterrupt, StageInterrupted) as interruption:
             how = str(interruption) or "stopped by Ctrl-C (SIGINT)"
             print(f"error: {how}; no partial output was left, rerun the stage", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
+        except Exception as error:
+            # Whoever wrote (numpy, torch, MLflow copying artifacts), a full disk is the same fix.
+            full = disk_full_cause(error)
+            if full is not None:
+                fail(disk_full_message(full))
+            fail_with_traceback()
 
     return wrapper

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, disk_full_cause
 
 
 def _umask_file_mode() -> int:
@@ -65,6 +65,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
+    except Exception as error:
+        # A write through a file object names no file: a full disk must name the output.
+        full = disk_full_cause(error)
+        if full is not None and full.filename is None:
+            full.filename = str(path)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -103,13 +109,30 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, required: dict[str, type | tuple[type, ...]] | None = None) -> Any:
+    """Read a JSON file; with ``required``, check it is an object holding those keys and types.
+
+    Stages check their inputs this way before they start removing outputs on failure, so a
+    damaged input (``{}``, a zero-byte file) stops them with the previous outputs intact.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run `dvc repro` to rebuild it") from None
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{path} is not valid JSON ({error}): rerun `dvc repro`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineError(
+            f"{path} is not valid JSON ({error}): it is damaged; rerun `dvc repro --force` "
+            "for the stage that writes it"
+        ) from None
+    except OSError as error:
+        raise PipelineError(f"{path} cannot be read ({error.strerror})") from None
+    for key, kind in (required or {}).items():
+        if not isinstance(payload, dict) or not isinstance(payload.get(key), kind):
+            raise PipelineError(
+                f"{path} has no valid '{key}': it is damaged; rerun `dvc repro --force` for the "
+                "stage that writes it"
+            )
+    return payload
 
 
 @contextlib.contextmanager

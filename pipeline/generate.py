@@ -9,7 +9,9 @@
 ``--vocab``). URIs are looked up in the project's MLflow store: ``mlflow.db`` at the repository
 root, or ``$MLFLOW_TRACKING_URI``. MLflow models carry their own vocabulary. The output is the
 prompt followed by the generated characters. ``--chars``, ``--temperature`` and ``--seed``
-default to params.yaml's ``sample`` section, whose ``max_chars`` bounds ``--chars``.
+default to params.yaml's ``sample`` section, whose ``max_chars`` bounds ``--chars``. A model
+fetched from the store goes to a temporary directory that is removed once the model is in
+memory, whether loading works or not.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.model import BigramLanguageModel, load_model
 from pipeline.params import PARAMS_FILE, SampleParams, load_params
 from pipeline.paths import MODEL_PATH, VOCAB_PATH
-from pipeline.textgen import TextGenerator, check_request
+from pipeline.textgen import TextGenerator, checked_request
+
+# Where download_artifacts looks up a model: this project's store (and its artifacts).
+MODEL_URI_SCHEMES = ("models", "runs", "mlflow-artifacts", "file")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line like every other failure, instead of the usage text and exit status 2.
+        raise PipelineError(f"{message} (see `{self.prog} --help`)")
 
 
 def parse_args(argv: list[str] | None, defaults: SampleParams) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m pipeline.generate",
         description="Continue a prompt with a trained bigram model.",
     )
@@ -85,35 +96,63 @@ def load_from_uri(uri: str) -> TextGenerator:
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.exceptions import MlflowException
 
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme not in MODEL_URI_SCHEMES:
+        raise PipelineError(
+            f"cannot load model {uri}: '{scheme}:' is not a model URI of this project; give "
+            "models:/NAME/VERSION, runs:/RUN_ID/model, an MLflow model directory or a model.pt"
+        )
     # The generated text is the output; a download progress bar would only clutter it.
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
     store = tracking.use_store()
-    if store.startswith("sqlite:") and not tracking.sqlite_path(store).exists():
-        raise PipelineError(
-            f"no MLflow store at {tracking.sqlite_path(store)} to look up {uri}: run `dvc repro` "
-            f"first, run this from the repository root, or set {tracking.TRACKING_URI_ENV}"
-        )
-    try:
-        local_dir = mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="bigram-model-")
-        )
-    except MlflowException as error:
-        raise PipelineError(
-            f"cannot load model {uri} from the MLflow store {tracking.shown_uri(store)}: "
-            f"{error.message.splitlines()[0]}"
-        ) from None
-    return load_mlflow_model(Path(local_dir), uri)
+    if store.startswith("sqlite:"):
+        db_path = tracking.sqlite_path(store)
+        if not db_path.exists():
+            raise PipelineError(
+                f"no MLflow store at {db_path} to look up {uri}: run `dvc repro` first, run "
+                f"this from the repository root, or set {tracking.TRACKING_URI_ENV}"
+            )
+        tracking.check_sqlite_store(db_path)
+    # The model is read into memory before the directory goes, so no run leaves it behind.
+    with tempfile.TemporaryDirectory(prefix="bigram-model-") as download_dir:
+        try:
+            local_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir)
+        except MlflowException as error:
+            raise PipelineError(
+                f"cannot load model {uri} from the MLflow store {tracking.shown_uri(store)}: "
+                f"{error.message.splitlines()[0]}"
+            ) from None
+        except Exception as error:  # Artifact stores fail in their own ways (boto3, HTTP).
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise PipelineError(
+                f"cannot load model {uri} from the MLflow store {tracking.shown_uri(store)} "
+                f"({reason})"
+            ) from None
+        return load_mlflow_model(Path(local_dir), uri)
 
 
 def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
     """Load either flavour the train stage logs: the pyfunc generator or the PyTorch model."""
+    source = source or str(path)
+    try:
+        return _load_mlflow_model(path, source)
+    except PipelineError:
+        raise
+    except Exception as error:  # A damaged MLmodel, pickle or weights: whatever its loader raised.
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise PipelineError(
+            f"{source} is not a loadable MLflow model ({reason}); log it again with "
+            "`dvc repro --force train`"
+        ) from None
+
+
+def _load_mlflow_model(path: Path, source: str) -> TextGenerator:
     import mlflow.pyfunc
     import mlflow.pytorch
     from mlflow.models import Model
 
     from pipeline.serving import BigramTextModel
 
-    source = source or str(path)
     flavors = Model.load(path / "MLmodel").flavors
     if "pytorch" in flavors:
         model = mlflow.pytorch.load_model(str(path), map_location="cpu")
@@ -136,9 +175,11 @@ def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
 def main(argv: list[str] | None = None) -> None:
     defaults = sample_params()
     args = parse_args(argv, defaults)
-    check_request(args.chars, args.temperature, defaults.max_chars)
+    request = checked_request(
+        args.prompt, args.chars, args.temperature, args.seed, defaults.max_chars
+    )
     generator = load_generator(args.model, args.vocab)
-    text = generator.generate(args.prompt, args.chars, args.temperature, args.seed)
+    text = generator.generate(request.prompt, request.num_chars, request.temperature, request.seed)
     sys.stdout.write(text + "\n")
 
 

@@ -11,17 +11,33 @@ import dataclasses
 import difflib
 import math
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.secrets import masked
 
 PARAMS_FILE = Path("params.yaml")
 CORPUS_URL_ENV = "BIGRAM_CORPUS_URL"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRAIN_METHODS = ("minibatch", "counts")
 MAX_SEED = 2**63  # Every torch and numpy generator takes seeds in [0, 2**63).
+# Upper bounds that keep a typo from becoming an allocator traceback or a run of years.
+# A batch costs about 60 bytes per token in training: 2**24 tokens take 1 GB.
+MAX_BATCH_TOKENS = 1 << 24
+MAX_ITERS = 10**9
+# Each evaluation is an exact loss over both splits and a point of the logged loss curve.
+MAX_EVALS = 100_000
+# One generation request: sampling keeps about 40 bytes per character (10 million: 400 MB).
+MAX_CHARS_LIMIT = 10_000_000
+# Logits divided by a temperature below this can overflow float32 to inf, and the sampling
+# probabilities become NaN; at 1e-3 the sampling is already greedy for any trained model.
+MIN_TEMPERATURE = 1e-3
+# MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name),
+# checked here so that a bad name fails before training rather than at registration.
+MODEL_NAME_FORBIDDEN = ("/", ":")
 
 
 @dataclass(frozen=True)
@@ -71,9 +87,10 @@ class Params:
     tracking: TrackingParams
 
     def flat(self) -> dict[str, Any]:
-        """Every param as ``section.name: value`` (the names `dvc params diff` shows)."""
+        """Every param as ``section.name: value`` (the names `dvc params diff` shows), for logging:
+        a URL's password is masked."""
         return {
-            f"{section.name}.{key}": value
+            f"{section.name}.{key}": masked(value) if isinstance(value, str) else value
             for section in dataclasses.fields(self)
             for key, value in dataclasses.asdict(getattr(self, section.name)).items()
         }
@@ -177,6 +194,22 @@ def _validate(params: Params, path: Path) -> None:
     for name in ("batch_size", "block_size", "max_iters", "eval_interval"):
         value = getattr(train, name)
         require(value > 0, f"train.{name}", "a positive integer", value)
+    require(
+        train.batch_size * train.block_size <= MAX_BATCH_TOKENS,
+        "train.batch_size",
+        f"at most {MAX_BATCH_TOKENS:,} tokens per batch with train.block_size = "
+        f"{train.block_size} (batch_size x block_size), to fit in memory",
+        train.batch_size,
+    )
+    require(
+        train.max_iters <= MAX_ITERS, "train.max_iters", f"at most {MAX_ITERS:,}", train.max_iters
+    )
+    require(
+        train.max_iters <= train.eval_interval * MAX_EVALS,
+        "train.eval_interval",
+        f"at least train.max_iters / {MAX_EVALS:,} (at most {MAX_EVALS:,} evaluations)",
+        train.eval_interval,
+    )
     # YAML reads .nan and .inf as floats; neither is a usable learning rate or temperature.
     require(math.isfinite(train.lr) and train.lr > 0, "train.lr", "a finite number > 0", train.lr)
     require(train.device in DEVICES, "train.device", f"one of {DEVICES}", train.device)
@@ -184,6 +217,12 @@ def _validate(params: Params, path: Path) -> None:
         require(0 <= seed < MAX_SEED, name, "an integer in [0, 2**63)", seed)
     require(sample.num_chars > 0, "sample.num_chars", "a positive integer", sample.num_chars)
     require(sample.max_chars > 0, "sample.max_chars", "a positive integer", sample.max_chars)
+    require(
+        sample.max_chars <= MAX_CHARS_LIMIT,
+        "sample.max_chars",
+        f"at most {MAX_CHARS_LIMIT:,} (to fit in memory)",
+        sample.max_chars,
+    )
     require(
         sample.num_chars <= sample.max_chars,
         "sample.num_chars",
@@ -196,8 +235,24 @@ def _validate(params: Params, path: Path) -> None:
         "a finite number > 0",
         sample.temperature,
     )
+    require(
+        sample.temperature >= MIN_TEMPERATURE,
+        "sample.temperature",
+        f"at least {MIN_TEMPERATURE} (lower overflows the probabilities)",
+        sample.temperature,
+    )
     require(bool(tracking.experiment_name), "tracking.experiment_name", "non-empty", "")
-    require(bool(tracking.registered_model_name), "tracking.registered_model_name", "non-empty", "")
+    name = tracking.registered_model_name
+    require(
+        bool(name.strip())
+        and not any(char in name for char in MODEL_NAME_FORBIDDEN)
+        and posixpath.normpath(name) == name
+        and name != "."
+        and not name.startswith(".."),
+        "tracking.registered_model_name",
+        "a name MLflow's Model Registry accepts: non-empty, no '/' or ':', not '.' or '..'",
+        name,
+    )
 
 
 _SECTION_TYPES = {

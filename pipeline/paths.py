@@ -12,11 +12,17 @@ DATA_DIR = Path("data")
 CORPUS_PATH = DATA_DIR / "raw" / "input.txt"
 DOWNLOAD_INFO_PATH = DATA_DIR / "raw" / "download.json"
 
+# What the vocab stage reads from download.json (read_json checks it before any work).
+DOWNLOAD_INFO_FIELDS = {"sha256": str}
+
 # vocab
 VOCAB_PATH = DATA_DIR / "vocab" / "vocab.json"
 TRAIN_TOKENS_PATH = DATA_DIR / "vocab" / "train.npy"
 VAL_TOKENS_PATH = DATA_DIR / "vocab" / "val.npy"
 MANIFEST_PATH = DATA_DIR / "vocab" / "manifest.json"
+
+# What the train stage reads from manifest.json.
+MANIFEST_FIELDS = {"corpus_sha256": str}
 
 # train
 MODEL_PATH = DATA_DIR / "train" / "model.pt"

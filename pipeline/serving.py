@@ -10,6 +10,9 @@ version per training, so that
 answers ``POST /invocations`` with ``{"dataframe_records": [{"prompt": "ROMEO:", "chars": 200}]}``
 by ``{"predictions": ["ROMEO:..."]}``. The columns ``chars``, ``temperature`` and ``seed`` are
 optional; their defaults, and the ``max_chars`` bound, are the training's ``sample`` params.
+``max_chars`` bounds the characters of the whole request, all rows together. A bad value in any
+row (a prompt that is not a string, ``chars: 1.5``, ``temperature: NaN``) is an HTTP 400 naming it,
+before any row is generated.
 
 Registry aliases: every new version gets ``challenger``; ``champion`` moves to it only when its
 val loss beats the current champion's (the first version becomes champion).
@@ -31,25 +34,29 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 
 from pipeline import tracking
 from pipeline.data import load_vocab
 from pipeline.errors import PipelineError
 from pipeline.model import load_model
 from pipeline.params import Params
-from pipeline.textgen import TextGenerator, check_request
+from pipeline.textgen import Request, TextGenerator, check_total, checked_request
 
 GENERATOR_ARTIFACT = "generator"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
+# The numeric columns are AnyType because MLflow casts to a declared type silently: "long" turns
+# chars 1.5 into 1 and 1e30 into -2**63. Values reach predict as sent, and checked_request checks
+# them.
 SIGNATURE = ModelSignature(
     inputs=Schema(
         [
             ColSpec("string", "prompt"),
-            ColSpec("long", "chars", required=False),
-            ColSpec("double", "temperature", required=False),
-            ColSpec("long", "seed", required=False),
+            ColSpec(AnyType(), "chars", required=False),
+            ColSpec(AnyType(), "temperature", required=False),
+            ColSpec(AnyType(), "seed", required=False),
         ]
     ),
     outputs=Schema([ColSpec("string")]),
@@ -69,26 +76,51 @@ class BigramTextModel(mlflow.pyfunc.PythonModel):
         self.defaults = json.loads(Path(context.artifacts["defaults"]).read_text())
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        return [self.generate(row) for row in model_input.to_dict("records")]
-
-    def generate(self, request: dict) -> str:
-        num_chars = int(self._value(request, "chars", self.defaults["num_chars"]))
-        temperature = float(self._value(request, "temperature", self.defaults["temperature"]))
-        seed = int(self._value(request, "seed", self.defaults["seed"]))
         try:
-            check_request(num_chars, temperature, self.defaults["max_chars"])
-            return self.generator.generate(str(request["prompt"]), num_chars, temperature, seed)
+            # Every row is checked, and the request as a whole, before any is generated.
+            requests = [self.checked(row, model_input) for row in model_input.to_dict("records")]
+            check_total(requests, self.defaults["max_chars"])
+            return [
+                self.generator.generate(r.prompt, r.num_chars, r.temperature, r.seed)
+                for r in requests
+            ]
         except PipelineError as error:
             # The scoring server answers an MlflowException with HTTP 400 and this message.
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
+    def checked(self, row: dict, batch: pd.DataFrame) -> Request:
+        values = {
+            column: self._value(row, column, batch, self.defaults[default])
+            for column, default in (
+                ("chars", "num_chars"),
+                ("temperature", "temperature"),
+                ("seed", "seed"),
+            )
+        }
+        return checked_request(
+            row.get("prompt"),
+            values["chars"],
+            values["temperature"],
+            values["seed"],
+            self.defaults["max_chars"],
+        )
+
     @staticmethod
-    def _value(request: dict, column: str, default):
-        # Rows of a batch that leave an optional column out carry NaN there.
-        value = request.get(column)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+    def _value(row: dict, column: str, batch: pd.DataFrame, default):
+        """The row's value, or the default where the row leaves the column out.
+
+        pandas marks a row that leaves out a column other rows give with NaN, and JSON null
+        reads as None or NaN too. So a gap counts as left out only where some other row gives
+        the column; a column that no row gives a value (``temperature: NaN``) is checked as sent.
+        """
+        value = row.get(column)
+        if column not in batch.columns or (_is_gap(value) and batch[column].notna().any()):
             return default
         return value
+
+
+def _is_gap(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def log_text_generator(
@@ -110,27 +142,28 @@ def log_text_generator(
         "seed": sample.seed,
         "max_chars": sample.max_chars,
     }
-    defaults_path = Path(tempfile.mkdtemp(prefix="bigram-generator-")) / "defaults.json"
-    defaults_path.write_text(json.dumps(defaults))
-    return mlflow.pyfunc.log_model(
-        name=GENERATOR_ARTIFACT,
-        python_model=str(pipeline_package / "generator_model.py"),
-        artifacts={
-            "weights": str(weights_path),
-            "vocab": str(vocab_path),
-            "defaults": str(defaults_path),
-        },
-        code_paths=code_paths or [str(pipeline_package)],
-        step=step,
-        signature=SIGNATURE,
-        input_example=INPUT_EXAMPLE,
-        # Listing requirements skips MLflow's slow inference of them from a subprocess.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            f"pandas=={pd.__version__}",
-        ],
-    )
+    with tempfile.TemporaryDirectory(prefix="bigram-generator-") as scratch:
+        defaults_path = Path(scratch) / "defaults.json"
+        defaults_path.write_text(json.dumps(defaults))
+        return mlflow.pyfunc.log_model(
+            name=GENERATOR_ARTIFACT,
+            python_model=str(pipeline_package / "generator_model.py"),
+            artifacts={
+                "weights": str(weights_path),
+                "vocab": str(vocab_path),
+                "defaults": str(defaults_path),
+            },
+            code_paths=code_paths or [str(pipeline_package)],
+            step=step,
+            signature=SIGNATURE,
+            input_example=INPUT_EXAMPLE,
+            # Listing requirements skips MLflow's slow inference of them from a subprocess.
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"mlflow=={mlflow.__version__}",
+                f"pandas=={pd.__version__}",
+            ],
+        )
 
 
 def register_version(

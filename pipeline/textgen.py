@@ -6,12 +6,17 @@ encode prompts, bound requests and sample the same way.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
+from pipeline.params import MAX_SEED, MIN_TEMPERATURE
 
 # The lecture starts generation from token 0, a newline; an empty prompt does the same.
 START_CHAR = "\n"
@@ -55,14 +60,64 @@ class TextGenerator:
         return self.chars.index(START_CHAR) if START_CHAR in self.chars else 0
 
 
-def check_request(num_chars: int, temperature: float, max_chars: int) -> None:
-    """Reject a request before any work: negative or above the sample.max_chars bound."""
-    if num_chars < 0:
-        raise PipelineError(f"number of characters must be 0 or more, got {num_chars}")
-    if num_chars > max_chars:
+@dataclass(frozen=True)
+class Request:
+    """One generation request, checked: what TextGenerator.generate takes."""
+
+    prompt: str
+    num_chars: int
+    temperature: float
+    seed: int
+
+
+def checked_request(
+    prompt: Any, num_chars: Any, temperature: Any, seed: Any, max_chars: int
+) -> Request:
+    """Check the type and range of every field before any work, whoever sent them.
+
+    Values may come from JSON through pandas (the served model), where an integer column with a
+    gap becomes float: 300.0 is 300, but 1.5 and 1e30 are errors, not truncated or wrapped.
+    """
+    if not isinstance(prompt, str):
+        raise PipelineError(f"prompt must be a string, got {prompt!r}")
+    chars = _integer(num_chars, "chars")
+    if chars < 0:
+        raise PipelineError(f"chars must be 0 or more, got {chars}")
+    if chars > max_chars:
         raise PipelineError(
-            f"{num_chars:,} characters requested, above the limit sample.max_chars = "
+            f"{chars:,} characters requested, above the limit sample.max_chars = "
             f"{max_chars:,}; ask for fewer or raise sample.max_chars in params.yaml"
         )
-    if not temperature > 0:
-        raise PipelineError(f"temperature must be > 0, got {temperature}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)
+    ):
+        raise PipelineError(
+            f"temperature must be a finite number of at least {MIN_TEMPERATURE}, "
+            f"got {temperature!r}"
+        )
+    checked_seed = _integer(seed, "seed")
+    if not 0 <= checked_seed < MAX_SEED:
+        raise PipelineError(f"seed must be an integer in [0, 2**63), got {checked_seed}")
+    return Request(prompt, chars, float(temperature), checked_seed)
+
+
+def check_total(requests: Sequence[Request], max_chars: int) -> None:
+    """Bound a batch as a whole: many rows of max_chars each would be one huge request."""
+    total = sum(request.num_chars for request in requests)
+    if total > max_chars:
+        raise PipelineError(
+            f"{total:,} characters requested in {len(requests)} rows, above the limit "
+            f"sample.max_chars = {max_chars:,} per request; ask for fewer or split the request"
+        )
+
+
+def _integer(value: Any, name: str) -> int:
+    """value as an int, or an error naming it; bool is no integer, 2.0 is one."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    # numbers.Integral also takes numpy's integers, which pandas may hand over.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PipelineError(f"{name} must be an integer, got {value!r}")
+    return int(value)

@@ -5,12 +5,19 @@ file `mlflow ui` opens by default when started there. ``MLFLOW_TRACKING_URI`` po
 (a team's `mlflow server`, PostgreSQL). Under `dvc exp run --queue` or `--temp` a stage runs in a
 temporary copy of the repo; DVC passes the original root in ``DVC_ROOT``, so queued experiments
 land in the same store as the workspace's.
+
+A user and password in a server's URI (``http://user:password@host:5000``) are handed to MLflow
+as ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, the way MLflow itself takes them, and
+MLflow sees the URI without them: so it cannot print or store the password (its "View run at"
+links, run and model URIs), and every message shows ``user:***``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
+import posixpath
 import socket
 import sqlite3
 import subprocess
@@ -31,8 +38,11 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from pipeline.errors import PipelineError, StageInterrupted
 from pipeline.files import process_is_alive
 from pipeline.params import Params
+from pipeline.secrets import basic_auth_header, masked, split_credentials
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 # Queued experiments write to one SQLite file from several processes: wait for the lock
@@ -99,9 +109,14 @@ def use_store() -> str:
     A tracking server that does not answer fails within seconds, naming the URI.
     """
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
+        uri, user, password = split_credentials(uri)
+        if user is not None:
+            os.environ[USERNAME_ENV], os.environ[PASSWORD_ENV] = user, password or ""
         _probe_server(uri)
+    elif uri.startswith("sqlite:"):
+        sqlite_path(uri)  # A URI without a file is refused before MLflow makes one of it.
+    mlflow.set_tracking_uri(uri)
     return uri
 
 
@@ -118,15 +133,23 @@ def connect(experiment_name: str) -> str:
 
 def shown_uri(uri: str) -> str:
     """The URI with its password masked, fit for an error message or a log."""
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.password:
-        return uri
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return masked(uri)
 
 
 def sqlite_path(uri: str) -> Path:
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    """The file of a sqlite:/// URI: sqlite:///relative.db or sqlite:////absolute/path.db.
+
+    SQLAlchemy reads ``sqlite://`` and ``sqlite:///:memory:`` as a store in memory, which would
+    lose every run when the stage ends.
+    """
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        raise PipelineError(
+            f"{TRACKING_URI_ENV}={shown_uri(uri)} names no database file: use "
+            "sqlite:///relative/path/mlflow.db or sqlite:////absolute/path/mlflow.db, or unset it "
+            f"to use {STORE_FILE} at the repository root"
+        )
+    return Path(path)
 
 
 def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
@@ -140,10 +163,10 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
     from filelock import FileLock
 
     db_path = sqlite_path(uri)
-    db_path.parent.mkdir(parents=True, exist_ok=True)
+    _check_store_is_writable(db_path)
     with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
         if db_path not in _checked_stores:
-            _check_sqlite_store(db_path)
+            check_sqlite_store(db_path)
             _checked_stores.add(db_path)
         try:
             with contextlib.closing(sqlite3.connect(db_path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
@@ -167,8 +190,38 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
 _checked_stores: set[Path] = set()
 
 
-def _check_sqlite_store(db_path: Path) -> None:
-    """Refuse a store file that is truncated or has another MLflow version's schema.
+def _check_store_is_writable(db_path: Path) -> None:
+    """Refuse a store this user cannot write, or cannot create, before SQLite or MLflow try.
+
+    SQLite writes its journal and lock files beside the store, so the directory must be writable
+    too. os.access answers for this user (root passes file modes, but not a read-only mount).
+    """
+    fix = f"fix that, or set {TRACKING_URI_ENV} to a store elsewhere"
+    parent = db_path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # The nearest existing directory on the way, or the file in the way.
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), parent)
+        reason = "is not a directory" if not blocker.is_dir() else f"({error.strerror})"
+        raise PipelineError(
+            f"MLflow store {db_path} cannot be created: {blocker} {reason}; {fix}"
+        ) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(
+            f"MLflow store directory {parent} is read-only or not writable by this user "
+            f"(SQLite writes its journal beside {db_path.name}); {fix}"
+        )
+    if db_path.exists() and not os.access(db_path, os.R_OK | os.W_OK):
+        raise PipelineError(
+            f"MLflow store {db_path} is not readable and writable by this user; {fix} "
+            f"(`chmod u+rw {db_path}` as its owner)"
+        )
+
+
+def check_sqlite_store(db_path: Path) -> None:
+    """Refuse a store file that is truncated, has another MLflow version's schema, or keeps its
+    artifacts in another repository's directory.
 
     Checked read-only before MLflow opens the file: MLflow would migrate an older store in place,
     and SQLite reads a truncated file without complaint until a query reaches a missing page.
@@ -198,6 +251,9 @@ def _check_sqlite_store(db_path: Path) -> None:
         with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
             found = db.execute("SELECT version_num FROM alembic_version").fetchone()
+            locations = db.execute(
+                "SELECT name, artifact_location FROM experiments WHERE lifecycle_stage = 'active'"
+            ).fetchall()
     except sqlite3.OperationalError:
         return  # No alembic_version table: a store whose creation MLflow has yet to finish.
     except sqlite3.DatabaseError as error:
@@ -215,16 +271,48 @@ def _check_sqlite_store(db_path: Path) -> None:
             f"needs {expected}: if an older MLflow made it, back it up and run "
             f"`mlflow db upgrade sqlite:///{db_path}`; if a newer one did, use that version"
         )
+    _check_artifact_locations(db_path, locations)
+
+
+def _check_artifact_locations(db_path: Path, locations: list[tuple[str, str]]) -> None:
+    """Refuse a store whose experiments keep artifacts in another copy of the repository.
+
+    The store records absolute paths: after `mv repo repo2` every model would be looked up in the
+    old place and new runs would recreate it there; a copy would write into the original's.
+    """
+    expected = (db_path.parent.resolve() / ARTIFACTS_DIR).as_uri()
+    for name, location in locations:
+        path = urllib.parse.urlsplit(location or "").path
+        if (
+            location.startswith("file:")
+            and posixpath.basename(path.rstrip("/")) == ARTIFACTS_DIR
+            and location.rstrip("/") != expected
+        ):
+            old_root = Path(urllib.parse.unquote(path)).parent
+            how = "copied" if old_root.exists() else "moved"
+            raise PipelineError(
+                f"MLflow store {db_path} keeps the artifacts of experiment '{name}' in "
+                f"{old_root / ARTIFACTS_DIR}, not beside it: the repository was {how} from "
+                f"{old_root}; work there (move it back), or move {db_path.name} and "
+                f"{ARTIFACTS_DIR}/ aside to start a new store here"
+            )
 
 
 def _probe_server(uri: str) -> None:
-    """Fail fast when a tracking server is down, instead of MLflow's minutes of retries."""
+    """Fail fast when a tracking server is down, instead of MLflow's minutes of retries.
+
+    uri has no user and password (use_store moved them to MLflow's variables): sent as basic
+    auth, they let a server that guards /health answer too.
+    """
+    user = os.environ.get(USERNAME_ENV)
+    headers = basic_auth_header(user, os.environ.get(PASSWORD_ENV, "")) if user else {}
+    probe = urllib.request.Request(f"{uri.rstrip('/')}/health", headers=headers)
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S):
+        with urllib.request.urlopen(probe, timeout=SERVER_PROBE_TIMEOUT_S):
             pass
     except urllib.error.HTTPError:
         pass  # The server answered; MLflow's own calls will report a real problem.
-    except (urllib.error.URLError, OSError) as error:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise PipelineError(
             f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}); start it, "
@@ -319,9 +407,11 @@ def stage_run(
     try:
         yield run
     except (KeyboardInterrupt, StageInterrupted):
+        remove_unfinished_models(run.info.experiment_id, run.info.run_id)
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:
+        remove_unfinished_models(run.info.experiment_id, run.info.run_id)
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
@@ -352,6 +442,38 @@ def training_run_id(params: Params, model_sha256: str) -> str:
             "with `dvc repro -f train`"
         )
     return run_id
+
+
+def remove_unfinished_models(experiment_id: str, run_id: str) -> None:
+    """Delete what a failed run left of models it was logging, and mark them FAILED.
+
+    A full disk or Ctrl-C while MLflow copies a model into the artifact store leaves a partial
+    model directory there. Best effort: the stage is failing already, and its own error is the
+    one to show.
+    """
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = MlflowClient()
+    try:
+        models = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}'"
+        )
+    except Exception:
+        return
+    for model in models:
+        if model.status == LoggedModelStatus.READY:
+            continue
+        with contextlib.suppress(Exception):
+            get_artifact_repository(model.artifact_location).delete_artifacts()
+            if model.artifact_location.startswith("file:"):
+                # The model's own directory (models/<id>), now empty.
+                local = Path(
+                    urllib.parse.unquote(urllib.parse.urlsplit(model.artifact_location).path)
+                )
+                local.parent.rmdir()
+        with contextlib.suppress(Exception):
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 @contextlib.contextmanager

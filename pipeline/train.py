@@ -38,6 +38,7 @@ from pipeline.model import BigramLanguageModel, save_model
 from pipeline.params import Params, load_params
 from pipeline.paths import (
     LOSS_CURVE_PATH,
+    MANIFEST_FIELDS,
     MANIFEST_PATH,
     MODEL_PATH,
     RUN_INFO_PATH,
@@ -45,6 +46,7 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
+from pipeline.secrets import masked
 from pipeline.training import (
     check_block_size,
     exact_losses,
@@ -58,7 +60,7 @@ MODEL_ARTIFACT = "model"
 
 def split_datasets(params: Params, manifest: dict) -> dict[str, MetaDataset]:
     """The corpus and its train and val splits as MLflow datasets (digest: their sha256)."""
-    source = HTTPDatasetSource(params.data.url)
+    source = HTTPDatasetSource(masked(params.data.url))
     return {
         "corpus": MetaDataset(
             source, name="tinyshakespeare", digest=manifest["corpus_sha256"][:16]
@@ -171,7 +173,7 @@ def main() -> None:
     reproducibility.pin_threads()
     params = load_params()
     config = params.train
-    manifest = read_json(MANIFEST_PATH)
+    manifest = read_json(MANIFEST_PATH, MANIFEST_FIELDS)
     vocab = load_vocab(VOCAB_PATH)
     device = resolve_device(config.device)
     train_tokens = to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), device)

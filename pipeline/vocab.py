@@ -28,6 +28,7 @@ from pipeline.files import (
 from pipeline.params import load_params
 from pipeline.paths import (
     CORPUS_PATH,
+    DOWNLOAD_INFO_FIELDS,
     DOWNLOAD_INFO_PATH,
     MANIFEST_PATH,
     TRAIN_TOKENS_PATH,
@@ -120,7 +121,7 @@ def encode_split(
 
 def main() -> None:
     params = load_params()
-    download_info = read_json(DOWNLOAD_INFO_PATH)
+    download_info = read_json(DOWNLOAD_INFO_PATH, DOWNLOAD_INFO_FIELDS)
     with (
         tracking.stage_run("vocab", params, run_name="vocab"),
         outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),

@@ -1,0 +1,162 @@
+"""Credentials in URLs and URIs: used to connect, never shown or stored.
+
+A corpus mirror that asks for a password is a real HTTP server on 127.0.0.1 checking basic
+auth; the tracking server is MLflow's own basic-auth app (`mlflow server --app-name basic-auth`).
+After runs that succeed and runs that fail, every file the stages could write to (outputs, the
+MLflow store and artifacts, DVC's files) and everything they printed is searched for the password.
+"""
+
+from __future__ import annotations
+
+import configparser
+import secrets
+from collections.abc import Iterator
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.secrets import masked, split_credentials
+from tests.conftest import (
+    VENV_BIN,
+    assert_one_line_error,
+    free_port,
+    mlflow_runs,
+    run_stage,
+    run_statuses,
+)
+from tests.fault_tools import basic_auth_server, files_holding
+from tests.test_team_server import background
+
+# Made up per test session, so that no file (this one in a repo copy included) holds it before.
+PASSWORD = f"pw-{secrets.token_hex(12)}"
+
+
+def test_masked_hides_the_password_of_every_url_in_a_text():
+    text = (
+        "error: http://ann:s3cr@t@host:8/x?a=b@c failed; postgresql+psycopg2://bob:pw@db/m, "
+        "'https://carl:x%40y@h/p' and http://dora@h/ and http://127.0.0.1:5000/"
+    )
+    assert masked(text) == (
+        "error: http://ann:***@host:8/x?a=b@c failed; postgresql+psycopg2://bob:***@db/m, "
+        "'https://carl:***@h/p' and http://dora@h/ and http://127.0.0.1:5000/"
+    )
+    assert split_credentials("http://ann:s3cr%40t@host:8/x") == (
+        "http://host:8/x",
+        "ann",
+        "s3cr@t",
+    )
+    assert split_credentials("http://host/x") == ("http://host/x", None, None)
+
+
+def test_a_corpus_password_is_used_but_never_shown_or_stored(prepared_copy, shared_corpus):
+    repo, env = prepared_copy
+    outputs = []
+    with basic_auth_server(shared_corpus.parent, "reader", PASSWORD) as server:
+        env["BIGRAM_CORPUS_URL"] = f"http://reader:{PASSWORD}@{server.url[7:]}/input.txt"
+        for stage in ("download", "vocab", "train"):
+            result = run_stage(stage, repo, env, timeout=300)
+            outputs.append(result.stdout + result.stderr)
+            assert result.returncode == 0, result.stderr
+        assert server.served == 1 and server.refused == 0
+
+        env["BIGRAM_CORPUS_URL"] = f"http://reader:wrong-{PASSWORD}@{server.url[7:]}/input.txt"
+        refused = run_stage("download", repo, env)
+        outputs.append(refused.stdout + refused.stderr)
+        assert_one_line_error(refused, "HTTP 401", f"http://reader:***@{server.url[7:]}")
+
+    env["BIGRAM_CORPUS_URL"] = f"http://reader:{PASSWORD}@127.0.0.1:{free_port()}/input.txt"
+    unreachable = run_stage("download", repo, env)
+    outputs.append(unreachable.stdout + unreachable.stderr)
+    assert_one_line_error(unreachable, "http://reader:***@127.0.0.1:", "is unreachable")
+
+    env["MLFLOW_TRACKING_URI"] = f"http://reader:{PASSWORD}@127.0.0.1:{free_port()}/"
+    no_server = run_stage("vocab", repo, env)
+    outputs.append(no_server.stdout + no_server.stderr)
+    assert_one_line_error(no_server, "MLflow tracking server http://127.0.0.1:", "unreachable")
+
+    assert not [text for text in outputs if PASSWORD in text]
+    assert files_holding(PASSWORD, repo) == []
+    runs = mlflow_runs(repo)
+    # The source a corpus came from is a tag of the download run (never of a DVC output).
+    download = [r for r in runs if r.data.tags["stage"] == "download"][-1]
+    assert download.data.tags["corpus_source"].startswith("http://reader:***@127.0.0.1:")
+    assert "RUNNING" not in run_statuses(repo).values()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory, corpus_url) -> Iterator[str]:
+    """MLflow's basic-auth tracking server on 127.0.0.1, its admin's password PASSWORD."""
+    workdir = tmp_path_factory.mktemp("auth-server")
+    config = configparser.ConfigParser()
+    config["mlflow"] = {
+        "default_permission": "READ",
+        "database_uri": f"sqlite:///{workdir / 'basic_auth.db'}",
+        "admin_username": "admin",
+        "admin_password": PASSWORD,
+        "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+    }
+    with open(workdir / "basic_auth.ini", "w") as handle:
+        config.write(handle)
+    from tests.conftest import pipeline_env
+
+    env = pipeline_env(
+        corpus_url,
+        MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"),
+        # The auth app's CSRF protection needs a key that stays the same while it runs.
+        MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+    )
+    port = free_port()
+    cmd = [str(VENV_BIN / "mlflow"), "server", "--app-name", "basic-auth"]
+    cmd += ["--backend-store-uri", f"sqlite:///{workdir / 'server.db'}"]
+    cmd += ["--artifacts-destination", str(workdir / "artifacts")]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    with background(cmd, f"{url}/health", workdir / "server.log", env):
+        yield url
+    assert PASSWORD not in (workdir / "server.log").read_text()
+
+
+def server_runs(url: str, monkeypatch) -> list:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    client = MlflowClient(tracking_uri=url)
+    experiment = client.get_experiment_by_name("bigram")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+@pytest.mark.e2e
+def test_a_basic_auth_tracking_server_takes_the_password_in_the_uri_or_mlflows_variables(
+    prepared_copy, auth_server, monkeypatch
+):
+    repo, env = prepared_copy
+    host = auth_server.removeprefix("http://")
+    outputs = []
+
+    env["MLFLOW_TRACKING_URI"] = f"http://admin:{PASSWORD}@{host}"
+    in_uri = run_stage("vocab", repo, env)
+    outputs.append(in_uri.stdout + in_uri.stderr)
+    assert in_uri.returncode == 0, in_uri.stderr
+
+    env.update(
+        MLFLOW_TRACKING_URI=auth_server,
+        MLFLOW_TRACKING_USERNAME="admin",
+        MLFLOW_TRACKING_PASSWORD=PASSWORD,
+    )
+    in_variables = run_stage("vocab", repo, env)
+    outputs.append(in_variables.stdout + in_variables.stderr)
+    assert in_variables.returncode == 0, in_variables.stderr
+
+    del env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    env["MLFLOW_TRACKING_URI"] = f"http://admin:not-{PASSWORD}@{host}"
+    refused = run_stage("vocab", repo, env)
+    outputs.append(refused.stdout + refused.stderr)
+    line = assert_one_line_error(refused, f"http://{host}")
+    assert "401" in line or "nauthorized" in line or "credentials" in line.lower(), line
+
+    runs = server_runs(auth_server, monkeypatch)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    for found in runs:
+        logged = str(found.data.params) + str(found.data.tags) + found.info.artifact_uri
+        assert PASSWORD not in logged
+    assert not [text for text in outputs if PASSWORD in text]
+    assert files_holding(PASSWORD, repo) == []
