@@ -228,7 +228,7 @@ def log_training_run_inputs(params: Params, manifest: dict, device: torch.device
     )
     corpus = MetaDataset(
         source=HTTPDatasetSource(params.data.url),
-        name="tinyshakespeare",
+        name=params.data.name,
         digest=manifest["corpus_sha256"][:16],
     )
     mlflow.log_input(corpus, context="training")

@@ -12,19 +12,19 @@ from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.train import check_block_size, resolve_device
 from tests.conftest import (
-    REPO_ROOT,
     assert_one_line_error,
     run,
     run_stage,
     run_statuses,
     update_params,
+    write_committed_params,
 )
 
 
 def write_params(tmp_path: Path, **overrides) -> Path:
     """The repo's params.yaml with some values replaced: {"train.lr": 0} or {"train.lrr": 1}."""
     yaml = YAML()
-    params = yaml.load(REPO_ROOT / "params.yaml")
+    params = yaml.load(write_committed_params(tmp_path))
     for dotted, value in overrides.items():
         section, _, name = dotted.partition(".")
         if name:
@@ -46,8 +46,8 @@ def load_error(path: Path) -> str:
     return message
 
 
-def test_the_repo_params_are_valid():
-    params = load_params(REPO_ROOT / "params.yaml")
+def test_the_repo_params_are_valid(tmp_path):
+    params = load_params(write_committed_params(tmp_path))
     assert params.train.lr == 0.01 and params.train.batch_size == 32
     assert params.sample.num_chars <= params.sample.max_chars
 
