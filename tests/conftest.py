@@ -23,7 +23,7 @@ from ruamel.yaml import YAML
 
 from pipeline.download import download_verified
 from pipeline.errors import PipelineError
-from pipeline.params import load_params
+from pipeline.params import CORPUS_URL_ENV, load_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -89,12 +89,20 @@ def corpus_url(shakespeare_corpus: Path) -> Iterator[str]:
         yield f"{base_url}/{shakespeare_corpus.name}"
 
 
-def pipeline_env(corpus_url: str, **extra: str) -> dict[str, str]:
-    """Environment for `dvc` and stage subprocesses: this venv first, local corpus, no server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+def pipeline_env(corpus_url: str | None, **extra: str) -> dict[str, str]:
+    """Environment for `dvc` and stage subprocesses: this venv first, local corpus, no server.
+
+    corpus_url goes into $BIGRAM_CORPUS_URL; None leaves it unset, so stages fetch data.url.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_")) and k != CORPUS_URL_ENV
+    }
+    if corpus_url is not None:
+        env[CORPUS_URL_ENV] = corpus_url
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        BIGRAM_CORPUS_URL=corpus_url,
         DVC_NO_ANALYTICS="1",
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.com",
