@@ -58,9 +58,12 @@ def shakespeare_corpus(tmp_path_factory) -> Path:
     try:
         download_verified(data.source, data.sha256, path)
     except PipelineError as error:
-        # Once per run: pytest hands this same failure to every test that needs the corpus.
-        pytest.fail(f"cannot fetch the test corpus: {error}", pytrace=False)
-    return path
+        failure = str(error)
+    else:
+        return path
+    # Outside the except block, so that the report is this one line, not a chain of tracebacks.
+    # Once per run: pytest hands the same failure to every test that needs the corpus.
+    pytest.fail(f"cannot fetch the test corpus: {failure}", pytrace=False)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
