@@ -94,13 +94,14 @@ def test_the_pipeline_on_a_cjk_corpus_reaches_the_entropy_rate_with_no_warning(
     assert manifest["vocab_size"] == V and manifest["dtype"] == "uint16"
     assert json.loads((repo / "data/vocab/vocab.json").read_text())["chars"] == sorted(ALPHABET)
 
-    # 135,000 train tokens estimate 1,200 transitions: the sample's optimum lies within about
-    # 1,200 / (2 x 135,000) = 0.004 nats of the entropy rate, the val loss as far above it.
+    # 135,000 train tokens estimate 1,200 transitions: the sample's optimum lies about
+    # 1,200 / (2 x 135,000) = 0.004 nats below the entropy rate (1.3153), the val loss as far
+    # above it, give or take 0.005 for 15,000 val tokens. Seen: 1.3124 and 1.3175.
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     assert metrics["uniform_loss"] == pytest.approx(math.log(V), abs=1e-9)
-    assert metrics["train_bigram_optimum"] == pytest.approx(entropy, abs=0.02)
-    assert 0 <= metrics["train_gap_to_optimum"] < 0.01
-    assert metrics["val_loss"] == pytest.approx(entropy, abs=0.03)
+    assert metrics["train_bigram_optimum"] == pytest.approx(entropy, abs=0.01)
+    assert 0 <= metrics["train_gap_to_optimum"] < 1e-4
+    assert metrics["val_loss"] == pytest.approx(entropy, abs=0.015)
 
     # 300 characters are too many to label: the picture shows the most frequent and says so.
     with Image.open(repo / "data/evaluate/next_char_probs.png") as image:
