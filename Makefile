@@ -1,22 +1,34 @@
 # Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
-# Both create .venv and install the project into it when needed.
+# Both create .venv and install the project into it when needed, at the versions pinned in
+# requirements.lock (the set the tests passed with); `make lock` refreshes that file.
 PYTHON ?= python3
 VENV ?= .venv
 # CPU-only machines pass TORCH_REQUIREMENT=torch==<version> to take the small CPU wheel.
 TORCH_REQUIREMENT ?= torch
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: install repro pipeline-lock test lint format bench gpu-check clean
+.PHONY: install lock repro pipeline-lock test lint format bench gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The lock leaves torch out (TORCH_REQUIREMENT picks the build) but pins its dependencies.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_REQUIREMENT)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --constraint $(LOCK) "$(TORCH_REQUIREMENT)"
+	$(BIN)/pip install --quiet --constraint $(LOCK) -e '.[dev]'
 	touch $@
+
+# Re-resolve every dependency to its newest release allowed by pyproject.toml, for all
+# platforms; then run `make test` and commit requirements.lock if it passes.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra postgres --no-emit-package torch \
+		--universal --upgrade --python $(BIN)/python --custom-compile-command "make lock" \
+		--quiet -o $(LOCK)
 
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro

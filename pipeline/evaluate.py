@@ -2,7 +2,8 @@
 
 Writes metrics.json for `dvc metrics` and logs the same numbers into its own child run of the
 training run (found by model.pt's sha256) and adds them to the training run, plus a picture of
-the learned next-character table beside the one counted from the corpus.
+the learned next-character table beside the one counted from the corpus
+(pipeline.heatmap).
 
 - train_loss, val_loss: mean loss over every bigram of each split (exact).
 - uniform_loss: ln(V), a uniform guess (4.1744 for V = 65).
@@ -16,14 +17,7 @@ the learned next-character table beside the one counted from the corpus.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")  # Files only: no display on servers and CI.
-import matplotlib.pyplot as plt
 import mlflow
-import numpy as np
 import torch
 
 from pipeline import reproducibility, tracking
@@ -37,7 +31,8 @@ from pipeline.data import (
     uniform_loss,
 )
 from pipeline.errors import stage_entry_point
-from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, write_json
+from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
+from pipeline.heatmap import plot_next_char_probs
 from pipeline.model import bigram_loss_from_counts, load_model
 from pipeline.params import load_params
 from pipeline.paths import (
@@ -70,32 +65,6 @@ def compute_metrics(
     }
 
 
-def char_label(char: str) -> str:
-    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(char, char)
-
-
-def plot_next_char_probs(
-    learned: np.ndarray, counted: np.ndarray, chars: list[str], path: Path
-) -> None:
-    """Two V x V heatmaps, P(next | current): learned by the model and counted in train."""
-    labels = [char_label(c) for c in chars]
-    figure, axes = plt.subplots(1, 2, figsize=(22, 11), constrained_layout=True)
-    for axis, table, title in (
-        (axes[0], learned, "learned: softmax of the embedding table"),
-        (axes[1], counted, "counted: bigram frequencies in the train split"),
-    ):
-        image = axis.imshow(table, cmap="Blues", vmin=0.0, vmax=1.0)
-        axis.set_title(f"P(next | current), {title}")
-        axis.set_xticks(range(len(labels)), labels, fontsize=6, family="monospace")
-        axis.set_yticks(range(len(labels)), labels, fontsize=6, family="monospace")
-        axis.set_xlabel("next character")
-        axis.set_ylabel("current character")
-    figure.colorbar(image, ax=axes, shrink=0.6, label="probability")
-    with atomic_path(path) as tmp_path:
-        figure.savefig(tmp_path, format="png", dpi=110)
-    plt.close(figure)
-
-
 def main() -> None:
     reproducibility.pin_threads()
     params = load_params()
@@ -115,7 +84,11 @@ def main() -> None:
         metrics = compute_metrics(logits, train_counts, val_counts)
         counted = (train_counts / train_counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
         plot_next_char_probs(
-            model.next_token_probs().detach().numpy(), counted, chars, PROBS_PLOT_PATH
+            model.next_token_probs().detach().numpy(),
+            counted,
+            chars,
+            train_counts.sum(dim=1).numpy(),
+            PROBS_PLOT_PATH,
         )
         write_json(METRICS_PATH, metrics)
         # Logged at the last training step: the run's latest value is then exactly metrics.json's.

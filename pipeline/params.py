@@ -38,13 +38,19 @@ MIN_TEMPERATURE = 1e-3
 # MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name),
 # checked here so that a bad name fails before training rather than at registration.
 MODEL_NAME_FORBIDDEN = ("/", ":")
+# data.name goes into the registered model's name and `models:/<name>/<version>` URIs.
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @dataclass(frozen=True)
 class DataParams:
     url: str
     sha256: str
+    # A short name for the corpus: the MLflow dataset's, and the model's (bigram-<name>).
+    name: str
     train_fraction: float = 0.9
+    # The train and evaluate stages hold several V x V float64 tables: 134 MB each at 4096.
+    max_vocab_size: int = 4096
 
     @property
     def source(self) -> str:
@@ -76,7 +82,8 @@ class SampleParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment_name: str = "bigram"
-    registered_model_name: str = "bigram-shakespeare"
+    # Empty: bigram-<data.name>, filled in by load_params.
+    registered_model_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,11 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         _reject_unknown_keys(values, names, f"{section.name}.", path)
         sections[section.name] = _build_section(section_type, section.name, values, path)
     params = Params(**sections)
+    if not params.tracking.registered_model_name:
+        tracking = dataclasses.replace(
+            params.tracking, registered_model_name=f"bigram-{params.data.name}"
+        )
+        params = dataclasses.replace(params, tracking=tracking)
     _validate(params, path)
     return params
 
@@ -188,8 +200,15 @@ def _validate(params: Params, path: Path) -> None:
         data.sha256,
     )
     require(
+        bool(data.name) and set(data.name) <= NAME_CHARS,
+        "data.name",
+        "a short name of letters, digits, '.', '_' or '-'",
+        data.name,
+    )
+    require(
         0.0 < data.train_fraction < 1.0, "data.train_fraction", "in (0, 1)", data.train_fraction
     )
+    require(data.max_vocab_size >= 2, "data.max_vocab_size", "an integer >= 2", data.max_vocab_size)
     require(train.method in TRAIN_METHODS, "train.method", f"one of {TRAIN_METHODS}", train.method)
     for name in ("batch_size", "block_size", "max_iters", "eval_interval"):
         value = getattr(train, name)

@@ -61,7 +61,17 @@ SIGNATURE = ModelSignature(
     ),
     outputs=Schema([ColSpec("string")]),
 )
-INPUT_EXAMPLE = pd.DataFrame({"prompt": ["ROMEO:"], "chars": [100]})
+EXAMPLE_PROMPT = "ROMEO:"
+
+
+def input_example(chars: list[str]) -> pd.DataFrame:
+    """A request the model can answer, which MLflow runs when logging it: "ROMEO:" when the
+    vocabulary has its characters, else the vocabulary's first printable character."""
+    if set(EXAMPLE_PROMPT) <= set(chars):
+        prompt = EXAMPLE_PROMPT
+    else:
+        prompt = next((c for c in chars if c.isprintable() and not c.isspace()), chars[0])
+    return pd.DataFrame({"prompt": [prompt], "chars": [100]})
 
 
 class BigramTextModel(mlflow.pyfunc.PythonModel):
@@ -156,7 +166,7 @@ def log_text_generator(
             code_paths=code_paths or [str(pipeline_package)],
             step=step,
             signature=SIGNATURE,
-            input_example=INPUT_EXAMPLE,
+            input_example=input_example(load_vocab(vocab_path)),
             # Listing requirements skips MLflow's slow inference of them from a subprocess.
             pip_requirements=[
                 f"torch=={torch.__version__.split('+')[0]}",

@@ -62,14 +62,12 @@ def split_datasets(params: Params, manifest: dict) -> dict[str, MetaDataset]:
     """The corpus and its train and val splits as MLflow datasets (digest: their sha256)."""
     source = HTTPDatasetSource(masked(params.data.url))
     return {
-        "corpus": MetaDataset(
-            source, name="tinyshakespeare", digest=manifest["corpus_sha256"][:16]
-        ),
+        "corpus": MetaDataset(source, name=params.data.name, digest=manifest["corpus_sha256"][:16]),
         "train": MetaDataset(
-            source, name="tinyshakespeare-train", digest=file_sha256(TRAIN_TOKENS_PATH)[:16]
+            source, name=f"{params.data.name}-train", digest=file_sha256(TRAIN_TOKENS_PATH)[:16]
         ),
         "val": MetaDataset(
-            source, name="tinyshakespeare-val", digest=file_sha256(VAL_TOKENS_PATH)[:16]
+            source, name=f"{params.data.name}-val", digest=file_sha256(VAL_TOKENS_PATH)[:16]
         ),
     }
 

@@ -77,6 +77,21 @@ def count_characters(path: Path, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     return counts
 
 
+def check_vocab_size(vocab_size: int, max_vocab_size: int) -> None:
+    """Refuse a vocabulary whose V x V tables (train, evaluate) would not fit in memory.
+
+    Checked here, before any later stage allocates one: 20,992 characters (the CJK block) would
+    need 3.5 GB per float64 table, and the train stage holds several at once.
+    """
+    if vocab_size > max_vocab_size:
+        table_gb = 8 * vocab_size**2 / 1e9
+        raise PipelineError(
+            f"the corpus has {vocab_size:,} distinct characters, above data.max_vocab_size = "
+            f"{max_vocab_size:,}; raise it in params.yaml (each {vocab_size:,} x {vocab_size:,} "
+            f"count table takes {table_gb:.1f} GB, and training holds several)"
+        )
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32):
         if vocab_size <= np.iinfo(dtype).max + 1:
@@ -126,9 +141,15 @@ def main() -> None:
         tracking.stage_run("vocab", params, run_name="vocab"),
         outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
     ):
-        mlflow.log_param("data.train_fraction", params.data.train_fraction)
+        mlflow.log_params(
+            {
+                "data.train_fraction": params.data.train_fraction,
+                "data.max_vocab_size": params.data.max_vocab_size,
+            }
+        )
         counts = count_characters(CORPUS_PATH)
         chars = [chr(code) for code in np.flatnonzero(counts)]
+        check_vocab_size(len(chars), params.data.max_vocab_size)
         num_tokens = int(counts.sum())
         if num_tokens < 2:
             raise PipelineError(f"{CORPUS_PATH} holds {num_tokens} characters: it needs at least 2")

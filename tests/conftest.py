@@ -1,4 +1,8 @@
-"""Shared fixtures: the real corpus served over HTTP on 127.0.0.1, and throwaway repo copies."""
+"""Shared fixtures: the real corpus served over HTTP on 127.0.0.1, and throwaway repo copies.
+
+Tests never read the workspace's params.yaml, dvc.lock, data/ or mlflow.db, which the README's
+commands change: they work on copies, with params.yaml as committed at HEAD.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +21,49 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from pipeline.download import download_verified
+from pipeline.errors import PipelineError
+from pipeline.params import CORPUS_URL_ENV, load_params
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The byte-exact Tiny Shakespeare copy beside the checkout: test data, never committed.
-SHARED_CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 VENV_BIN = Path(sys.executable).parent
 
 
+def write_committed_params(directory: Path) -> Path:
+    """Write params.yaml as committed at HEAD into directory; return its path.
+
+    Not the workspace's: `dvc exp run -S train.lr=3e-3` and `dvc exp apply` rewrite that one.
+    """
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = directory / "params.yaml"
+    path.write_text(committed)
+    return path
+
+
 @pytest.fixture(scope="session")
-def shared_corpus() -> Path:
-    assert SHARED_CORPUS.is_file(), f"test corpus missing: {SHARED_CORPUS}"
-    return SHARED_CORPUS
+def shakespeare_corpus(tmp_path_factory) -> Path:
+    """Tiny Shakespeare, fetched once per test run by the download stage's own code: from
+    $BIGRAM_CORPUS_URL when set (a mirror, a file:// URL or a path), else from data.url, and
+    verified against data.sha256."""
+    directory = tmp_path_factory.mktemp("corpus")
+    data = load_params(write_committed_params(directory)).data
+    path = directory / "input.txt"
+    try:
+        download_verified(data.source, data.sha256, path)
+    except PipelineError as error:
+        failure = str(error)
+    else:
+        return path
+    # Outside the except block, so that the report is this one line, not a chain of tracebacks.
+    # Once per run: pytest hands the same failure to every test that needs the corpus.
+    pytest.fail(f"cannot fetch the test corpus: {failure}", pytrace=False)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -50,18 +86,26 @@ def serve_directory(directory: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def corpus_url(shared_corpus: Path) -> Iterator[str]:
+def corpus_url(shakespeare_corpus: Path) -> Iterator[str]:
     """The real corpus, served by a local HTTP server to the real download code."""
-    with serve_directory(shared_corpus.parent) as base_url:
-        yield f"{base_url}/{shared_corpus.name}"
+    with serve_directory(shakespeare_corpus.parent) as base_url:
+        yield f"{base_url}/{shakespeare_corpus.name}"
 
 
-def pipeline_env(corpus_url: str, **extra: str) -> dict[str, str]:
-    """Environment for `dvc` and stage subprocesses: this venv first, local corpus, no server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+def pipeline_env(corpus_url: str | None, **extra: str) -> dict[str, str]:
+    """Environment for `dvc` and stage subprocesses: this venv first, local corpus, no server.
+
+    corpus_url goes into $BIGRAM_CORPUS_URL; None leaves it unset, so stages fetch data.url.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_")) and k != CORPUS_URL_ENV
+    }
+    if corpus_url is not None:
+        env[CORPUS_URL_ENV] = corpus_url
     env.update(
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        BIGRAM_CORPUS_URL=corpus_url,
         DVC_NO_ANALYTICS="1",
         GIT_AUTHOR_NAME="test",
         GIT_AUTHOR_EMAIL="test@example.com",
@@ -97,7 +141,8 @@ def make_repo_copy(destination: Path, env: dict[str, str]) -> Path:
     """A fresh git repo holding the working tree's files (tracked and new, not ignored).
 
     Copying the working tree rather than cloning HEAD tests uncommitted changes too; CI runs on
-    a fresh clone of main anyway.
+    a fresh clone of main anyway. params.yaml is the committed one: experiments rewrite the
+    workspace's.
     """
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
@@ -112,6 +157,7 @@ def make_repo_copy(destination: Path, env: dict[str, str]) -> Path:
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    write_committed_params(destination)
     # The lock file describes the developer's last run, not this copy's.
     (destination / "dvc.lock").unlink(missing_ok=True)
     run(["git", "init", "-q", "-b", "main"], destination, env)

@@ -75,10 +75,10 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def faulty_server(shared_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
+def faulty_server(shakespeare_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FaultyHandler)
     server.daemon_threads = True
-    server.corpus = shared_corpus.read_bytes()
+    server.corpus = shakespeare_corpus.read_bytes()
     server.requests = collections.Counter()
     server.sent, server.release = threading.Event(), threading.Event()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -19,7 +19,7 @@ from pipeline.data import bigram_counts, conditional_entropy, get_batch, to_devi
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
 from pipeline.training import eval_steps, train_minibatch, train_on_counts
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, write_committed_params
 
 VOCAB_SIZE = 65
 
@@ -140,8 +140,8 @@ def test_generate_is_seeded_and_follows_a_deterministic_chain():
 
 
 @pytest.fixture(scope="module")
-def shakespeare_counts(shared_corpus: Path) -> torch.Tensor:
-    text = np.frombuffer(shared_corpus.read_bytes(), dtype=np.uint8)
+def shakespeare_counts(shakespeare_corpus: Path) -> torch.Tensor:
+    text = np.frombuffer(shakespeare_corpus.read_bytes(), dtype=np.uint8)
     alphabet, tokens = np.unique(text, return_inverse=True)
     assert len(alphabet) == VOCAB_SIZE
     train = to_device_tokens(tokens[: int(0.9 * len(tokens))].astype(np.uint8), "cpu")
@@ -159,7 +159,7 @@ def test_method_counts_reaches_the_bigram_optimum(shakespeare_counts):
 
 def test_download_and_vocab_stages_never_import_torch(tmp_path: Path, corpus_url: str):
     """Run the two stages for real, under -X importtime, which lists every module loaded."""
-    (tmp_path / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    write_committed_params(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PYTHONPATH=str(REPO_ROOT), BIGRAM_CORPUS_URL=corpus_url)
     for stage in ("download", "vocab"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.params import load_params
-from tests.conftest import REPO_ROOT, update_params
+from tests.conftest import REPO_ROOT, update_params, write_committed_params
 
 CHARS = list("\n !',.:;?ABCDEIJLMNORTUaehilmnorstuy")
 
@@ -25,7 +24,7 @@ CHARS = list("\n !',.:;?ABCDEIJLMNORTUaehilmnorstuy")
 def workspace(tmp_path, monkeypatch) -> Path:
     """A project directory holding params.yaml, a vocabulary and a model.pt, as the train stage
     leaves them; the MLflow store (mlflow.db) goes there too."""
-    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    write_committed_params(tmp_path)
     update_params(tmp_path, sample={"max_chars": 500})
     write_json(tmp_path / paths.VOCAB_PATH, {"chars": CHARS})
     torch.manual_seed(0)

@@ -11,15 +11,10 @@ from pipeline.data import bigram_counts, conditional_entropy
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
 from pipeline.training import train_minibatch, train_on_counts
+from tests.markov import entropy_rate, sample_chain
 
 V = 8
 NUM_TOKENS = 200_000
-
-
-def stationary_distribution(transitions: np.ndarray) -> np.ndarray:
-    eigenvalues, eigenvectors = np.linalg.eig(transitions.T)
-    vector = np.real(eigenvectors[:, np.argmax(np.real(eigenvalues))])
-    return vector / vector.sum()
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +22,8 @@ def markov_chain() -> tuple[np.ndarray, torch.Tensor, float]:
     """A random transition matrix, a token sequence drawn from it, and its entropy rate."""
     rng = np.random.default_rng(1234)
     transitions = rng.dirichlet(np.full(V, 0.7), size=V)
-    cumulative = transitions.cumsum(axis=1)
-    uniforms = rng.random(NUM_TOKENS)
-    tokens = np.empty(NUM_TOKENS, dtype=np.int64)
-    tokens[0] = 0
-    for i in range(1, NUM_TOKENS):
-        tokens[i] = min(np.searchsorted(cumulative[tokens[i - 1]], uniforms[i]), V - 1)
-    stationary = stationary_distribution(transitions)
-    entropy_rate = float(-(stationary[:, None] * transitions * np.log(transitions)).sum())
-    return transitions, torch.from_numpy(tokens), entropy_rate
+    tokens = sample_chain(transitions, NUM_TOKENS, rng)
+    return transitions, torch.from_numpy(tokens), entropy_rate(transitions)
 
 
 def fit(method: str, tokens: torch.Tensor, **overrides) -> BigramLanguageModel:

@@ -12,19 +12,19 @@ from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.training import check_block_size, resolve_device
 from tests.conftest import (
-    REPO_ROOT,
     assert_one_line_error,
     run,
     run_stage,
     run_statuses,
     update_params,
+    write_committed_params,
 )
 
 
 def write_params(tmp_path: Path, **overrides) -> Path:
     """The repo's params.yaml with some values replaced: {"train.lr": 0} or {"train.lrr": 1}."""
     yaml = YAML()
-    params = yaml.load(REPO_ROOT / "params.yaml")
+    params = yaml.load(write_committed_params(tmp_path))
     for dotted, value in overrides.items():
         section, _, name = dotted.partition(".")
         if name:
@@ -46,10 +46,20 @@ def load_error(path: Path) -> str:
     return message
 
 
-def test_the_repo_params_are_valid():
-    params = load_params(REPO_ROOT / "params.yaml")
+def test_the_repo_params_are_valid(tmp_path):
+    params = load_params(write_committed_params(tmp_path))
     assert params.train.lr == 0.01 and params.train.batch_size == 32
     assert params.sample.num_chars <= params.sample.max_chars
+    assert params.data.name == "shakespeare" and params.data.max_vocab_size == 4096
+    assert params.tracking.registered_model_name == "bigram-shakespeare"
+
+
+def test_the_registered_model_is_named_after_the_corpus_unless_named_itself(tmp_path):
+    params = load_params(write_params(tmp_path, **{"data.name": "lunyu"}))
+    assert params.tracking.registered_model_name == "bigram-lunyu"
+    assert params.flat()["tracking.registered_model_name"] == "bigram-lunyu"
+    named = {"data.name": "lunyu", "tracking.registered_model_name": "analects"}
+    assert load_params(write_params(tmp_path, **named)).tracking.registered_model_name == "analects"
 
 
 def test_an_integer_where_a_number_is_needed_is_a_float(tmp_path):
@@ -82,6 +92,11 @@ BAD_VALUES = [
     ("data.train_fraction", 1, "in (0, 1), got 1.0"),
     ("data.train_fraction", 1.5, "in (0, 1), got 1.5"),
     ("data.sha256", "abc", "a 64-digit hex sha256"),
+    ("data.name", "", "a short name of letters, digits, '.', '_' or '-', got ''"),
+    ("data.name", "my text", "a short name of letters, digits, '.', '_' or '-', got 'my text'"),
+    ("data.name", "a/b", "got 'a/b'"),
+    ("data.max_vocab_size", 1, "an integer >= 2, got 1"),
+    ("data.max_vocab_size", 1e5, "must be an integer, got 100000.0"),
     ("sample.num_chars", 0, "a positive integer, got 0"),
     ("sample.num_chars", 2.5, "must be an integer, got 2.5"),
     ("sample.num_chars", 2_000_000, "at most sample.max_chars = 1000000, got 2000000"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO_ROOT, copy_trained_repo, run
+from tests.conftest import REPO_ROOT, copy_trained_repo, run, write_committed_params
 from tests.experiments import (
     MODEL_NAME,
     check_experiments_in_store,
@@ -94,7 +94,7 @@ from pipeline.model import BigramLanguageModel
 from pipeline.params import load_params
 
 work, worker = Path(sys.argv[1]), sys.argv[2]
-params = load_params()
+params = load_params(work / "params.yaml")
 weights, vocab = work / f"model-{worker}.pt", work / f"vocab-{worker}.json"
 torch.save(BigramLanguageModel(3).state_dict(), weights)
 write_json(vocab, {"chars": ["a", "b", "c"]})
@@ -116,6 +116,7 @@ def test_many_processes_create_and_write_a_new_store_at_once(tmp_path):
     """Processes released together on a store that does not exist yet: one creates it under
     the lock, all log a run and register a version; nothing fails, nothing is lost."""
     workers = 4
+    write_committed_params(tmp_path)
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
         "DVC_ROOT": str(tmp_path),  # where tracking.tracking_uri() puts mlflow.db

@@ -163,7 +163,8 @@ def postgres_uri() -> Iterator[str]:
             "postgres",
             "mlflow",
         )
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
+        # The form MLflow's documentation shows: SQLAlchemy picks psycopg 3 (the postgres extra).
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
         pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)

@@ -31,8 +31,8 @@ def test_encode_decode_round_trip_across_chunk_boundaries(tmp_path, chunk_bytes)
     assert decoded[:num_train] == TEXT[:num_train]
 
 
-def test_tiny_shakespeare_vocabulary_and_split(shared_corpus, tmp_path):
-    counts = count_characters(shared_corpus)
+def test_tiny_shakespeare_vocabulary_and_split(shakespeare_corpus, tmp_path):
+    counts = count_characters(shakespeare_corpus)
     chars = [chr(code) for code in np.flatnonzero(counts)]
     assert len(chars) == 65
     assert chars[:2] == ["\n", " "] and chars[-1] == "z"
