@@ -13,9 +13,11 @@ no run id enters a file DVC hashes. data/train/run.json, which `dvc exp show` li
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -101,22 +103,26 @@ def log_training_run_inputs(
     mlflow.log_input(datasets["val"], context="validation")
 
 
-def model_code_paths() -> list[str]:
+@contextlib.contextmanager
+def model_code() -> Iterator[list[str]]:
     """The pipeline modules the logged models carry: the train stage's code deps in dvc.yaml.
 
     The registered model then holds exactly the code that `dvc repro` reruns training for, so a
     change to any module it needs makes a new version. Outside a project, the whole package.
+    The copy lives in a temporary directory for as long as the models are being logged.
     """
     package = Path(__file__).resolve().parent
     if not reproducibility.DVC_FILE.is_file():
-        return [str(package)]
-    target = Path(tempfile.mkdtemp(prefix="bigram-code-")) / package.name
-    target.mkdir()
-    for dep in reproducibility.stage_deps(reproducibility.TRAIN_STAGE):
-        path = Path(dep)
-        if path.parent.name == package.name and path.suffix == ".py":
-            shutil.copy2(path, target / path.name)
-    return [str(target)]
+        yield [str(package)]
+        return
+    with tempfile.TemporaryDirectory(prefix="bigram-code-") as scratch:
+        target = Path(scratch) / package.name
+        target.mkdir()
+        for dep in reproducibility.stage_deps(reproducibility.TRAIN_STAGE):
+            path = Path(dep)
+            if path.parent.name == package.name and path.suffix == ".py":
+                shutil.copy2(path, target / path.name)
+        yield [str(target)]
 
 
 def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | None = None) -> None:
@@ -131,7 +137,9 @@ def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | No
         )
 
 
-def log_model(model: BigramLanguageModel, params: Params, step: int = 0) -> str:
+def log_model(
+    model: BigramLanguageModel, params: Params, step: int = 0, code_paths: list[str] | None = None
+) -> str:
     """Log the model in MLflow's PyTorch format, with its vocabulary; returns its model id."""
     import mlflow.pytorch
 
@@ -141,7 +149,7 @@ def log_model(model: BigramLanguageModel, params: Params, step: int = 0) -> str:
         # Pickle keeps the full module, so mlflow.pytorch.load_model returns a model that
         # can .generate(); "pt2" would save only the traced forward pass.
         serialization_format="pickle",
-        code_paths=model_code_paths(),
+        code_paths=code_paths or [str(Path(__file__).resolve().parent)],
         extra_files=[str(VOCAB_PATH)],
         step=step,
         # Listing requirements skips MLflow's slow inference of them from a subprocess.
@@ -153,14 +161,20 @@ def log_model(model: BigramLanguageModel, params: Params, step: int = 0) -> str:
     return info.model_id
 
 
-def register_text_generator(params: Params, run_id: str, final_eval: dict, step: int = 0) -> str:
+def register_text_generator(
+    params: Params,
+    run_id: str,
+    final_eval: dict,
+    step: int = 0,
+    code_paths: list[str] | None = None,
+) -> str:
     """Log the model as a pyfunc that generates text, register it as a new version; returns the
     logged model's id."""
     # Imported here: only training needs the pyfunc machinery.
     from pipeline import serving
 
     generator = serving.log_text_generator(
-        MODEL_PATH, VOCAB_PATH, params, step=step, code_paths=model_code_paths()
+        MODEL_PATH, VOCAB_PATH, params, step=step, code_paths=code_paths
     )
     metrics = {"train_loss": final_eval["train_loss"], "val_loss": final_eval["val_loss"]}
     serving.register_version(generator.model_uri, params, run_id, metrics)
@@ -218,10 +232,13 @@ def main() -> None:
         mlflow.log_artifact(str(LOSS_CURVE_PATH))
         mlflow.log_artifact(str(VOCAB_PATH))
         # Logged at the final step, with the final losses linked to them and to the datasets.
-        model_ids = [log_model(model, params, step=config.max_iters)]
-        model_ids.append(
-            register_text_generator(params, run.info.run_id, curve[-1], step=config.max_iters)
-        )
+        with model_code() as code_paths:
+            model_ids = [log_model(model, params, config.max_iters, code_paths)]
+            model_ids.append(
+                register_text_generator(
+                    params, run.info.run_id, curve[-1], config.max_iters, code_paths
+                )
+            )
         for model_id in model_ids:
             log_losses(curve[-1], datasets, model_id)
         model_sha256 = file_sha256(MODEL_PATH)
