@@ -114,11 +114,13 @@ def test_the_pipeline_on_a_cjk_corpus_reaches_the_entropy_rate_with_no_warning(
     # The corpus's name, not Tiny Shakespeare's, in the dataset and the registered model.
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     assert [m.name for m in client.search_registered_models()] == [f"bigram-{CORPUS_NAME}"]
-    training = next(r for r in mlflow_runs(repo) if r.data.tags["stage"] == "train")
-    (dataset_input,) = training.inputs.dataset_inputs
-    assert dataset_input.dataset.name == CORPUS_NAME
-    assert dataset_input.dataset.digest == sha256[:16]
-    assert training.data.tags["corpus_source"] == corpus.as_uri()
+    runs = mlflow_runs(repo)
+    training = next(r for r in runs if r.data.tags["stage"] == "train")
+    datasets = {found.dataset.name: found.dataset for found in training.inputs.dataset_inputs}
+    assert set(datasets) == {CORPUS_NAME, f"{CORPUS_NAME}-train", f"{CORPUS_NAME}-val"}
+    assert datasets[CORPUS_NAME].digest == sha256[:16]
+    download = next(r for r in runs if r.data.tags["stage"] == "download")
+    assert download.data.tags["corpus_source"] == corpus.as_uri()
 
 
 def test_a_vocabulary_above_data_max_vocab_size_stops_the_vocab_stage(prepared_copy):
