@@ -107,8 +107,8 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
     assert client.get_run(tags["download_run_id"]).data.tags["stage"] == "download"
     assert client.get_run(tags["vocab_run_id"]).data.tags["stage"] == "vocab"
     digests = {i.dataset.name: i.dataset.digest for i in training.inputs.dataset_inputs}
-    assert digests["tinyshakespeare"] == CORPUS_SHA256[:16]
-    assert {"tinyshakespeare-train", "tinyshakespeare-val"} <= digests.keys()
+    assert digests["shakespeare"] == CORPUS_SHA256[:16]  # data.name
+    assert {"shakespeare-train", "shakespeare-val"} <= digests.keys()
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.csv", "vocab.json", "metrics.json", "next_char_probs.png"} <= artifacts

@@ -321,8 +321,8 @@ def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets
         assert set(metrics) == {"train_loss", "val_loss"}, model.name
         assert metrics["train_loss"].value == train_loss and metrics["val_loss"].value == val_loss
         assert {m.step for m in metrics.values()} == {int(step)}
-        assert metrics["train_loss"].dataset_name == "tinyshakespeare-train"
-        assert metrics["val_loss"].dataset_name == "tinyshakespeare-val"
+        assert metrics["train_loss"].dataset_name == "shakespeare-train"
+        assert metrics["val_loss"].dataset_name == "shakespeare-val"
     version = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert version.run_id == training.info.run_id
     challenger = client.get_model_version_by_alias(MODEL_NAME, "challenger")
