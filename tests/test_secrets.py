@@ -48,10 +48,10 @@ def test_masked_hides_the_password_of_every_url_in_a_text():
     assert split_credentials("http://host/x") == ("http://host/x", None, None)
 
 
-def test_a_corpus_password_is_used_but_never_shown_or_stored(prepared_copy, shared_corpus):
+def test_a_corpus_password_is_used_but_never_shown_or_stored(prepared_copy, shakespeare_corpus):
     repo, env = prepared_copy
     outputs = []
-    with basic_auth_server(shared_corpus.parent, "reader", PASSWORD) as server:
+    with basic_auth_server(shakespeare_corpus.parent, "reader", PASSWORD) as server:
         env["BIGRAM_CORPUS_URL"] = f"http://reader:{PASSWORD}@{server.url[7:]}/input.txt"
         for stage in ("download", "vocab", "train"):
             result = run_stage(stage, repo, env, timeout=300)
