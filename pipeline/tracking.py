@@ -31,9 +31,10 @@ from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.errors import PipelineError, StageInterrupted
 from pipeline.files import process_is_alive
@@ -49,6 +50,7 @@ ARTIFACTS_DIR = "mlartifacts"
 # instead of failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
 SERVER_PROBE_TIMEOUT_S = 5
+DATASET_LOG_ATTEMPTS = 3
 # Which process runs a run, so that a later stage can end the runs of stages that were killed.
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
@@ -510,6 +512,31 @@ def add_to_run(
         client.log_artifact(run_id, str(path))
     for artifact_file, text in (texts or {}).items():
         client.log_text(run_id, text, artifact_file)
+
+
+def log_datasets(run_id: str, datasets_by_context: dict[str, Any]) -> None:
+    """Link datasets to a run, each under its context ("training", "validation", ...).
+
+    MLflow creates a dataset row on first use with a look-up then an insert, so two queue
+    workers logging the same corpus at once can both miss it and one insert then fails on the
+    store's unique key. All links go in one call (one transaction, rolled back on failure), so
+    retrying finds the row the other worker committed and only adds the links.
+    """
+    inputs = [
+        DatasetInput(
+            dataset=dataset._to_mlflow_entity(),
+            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
+        )
+        for context, dataset in datasets_by_context.items()
+    ]
+    for attempt in range(DATASET_LOG_ATTEMPTS):
+        try:
+            MlflowClient().log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException:
+            if attempt == DATASET_LOG_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def last_step(run_id: str, metric: str) -> int:

@@ -98,9 +98,10 @@ def log_training_run_inputs(
             **{name: run_id for name, run_id in lineage.items() if run_id},
         }
     )
-    mlflow.log_input(datasets["corpus"], context="training")
-    mlflow.log_input(datasets["train"], context="train")
-    mlflow.log_input(datasets["val"], context="validation")
+    tracking.log_datasets(
+        run.info.run_id,
+        {"training": datasets["corpus"], "train": datasets["train"], "validation": datasets["val"]},
+    )
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -310,3 +311,38 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
     assert result.returncode != 0
     assert f"error: MLflow tracking server {url} is unreachable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeypatch):
+    """Queue workers log the same corpus at the same moment: MLflow's look-up-then-insert of
+    the dataset row races, and the loser's insert breaks the unique key. Every run must still
+    end up linked to the one dataset (CI met this as a failed queue task)."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    workers, rounds = 6, 5
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, dict(os.environ)) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        client = MlflowClient(tracking_uri=url)
+        experiment_id = client.create_experiment("datasets")
+        source = HTTPDatasetSource("http://127.0.0.1/corpus.txt")
+        for round_number in range(rounds):
+            # A new digest each round, so every round starts with no row to find.
+            dataset = MetaDataset(source, name="corpus", digest=f"digest-{round_number}")
+            run_ids = [client.create_run(experiment_id).info.run_id for _ in range(workers)]
+            start = threading.Barrier(workers)
+
+            def link(run_id: str, dataset=dataset, start=start) -> None:
+                start.wait()
+                tracking.log_datasets(run_id, {"training": dataset})
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(link, run_ids))
+            for run_id in run_ids:
+                inputs = client.get_run(run_id).inputs.dataset_inputs
+                assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [
+                    ("corpus", f"digest-{round_number}")
+                ]
+                assert [(t.key, t.value) for t in inputs[0].tags] == [
+                    ("mlflow.data.context", "training")
+                ]
