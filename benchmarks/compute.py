@@ -16,8 +16,8 @@ from tqdm import tqdm
 from benchmarks import reference
 from benchmarks.measure import Row, fmt_seconds, interleaved_medians, seconds_of
 from benchmarks.workload import Workload
-from pipeline.data import bigram_counts
-from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
+from pipeline.counts import bigram_counts, bigram_loss_from_counts
+from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 from pipeline.training import exact_losses, train_minibatch, train_on_counts
 

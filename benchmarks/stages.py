@@ -41,10 +41,10 @@ MAX_REPRO_RATIO = 2.5
 MAX_NOOP_REPRO_S = 2.0
 
 # What a stage process pays before its own work: MLflow's import and opening the store, as every
-# stage does first (tracking.connect), ...
+# stage does first (store.connect), ...
 MLFLOW_STARTUP = (
-    "from pipeline import tracking; from pipeline.params import load_params; "
-    "tracking.connect(load_params().tracking.experiment_name)"
+    "from pipeline import store; from pipeline.params import load_params; "
+    "store.connect(load_params().tracking.experiment_name)"
 )
 # ... and, to train, torch and torch._dynamo, which torch.optim loads on first use. The reference
 # script pays this one too.
@@ -111,7 +111,8 @@ def run_stages(repo: Path, env: dict[str, str], stages=STAGES) -> dict[str, Stag
 def data_path_seconds(corpus: Path, sha256: str, scratch: Path) -> dict[str, float]:
     """Seconds each stage spends on the corpus itself, its functions called in this process:
     the part that scales with the corpus, without imports and MLflow (see target 6)."""
-    from pipeline.data import bigram_counts, load_tokens, to_device_tokens
+    from pipeline.counts import bigram_counts
+    from pipeline.data import load_tokens, to_device_tokens
     from pipeline.download import download_verified
     from pipeline.vocab import count_characters, encode_split
 

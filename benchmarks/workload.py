@@ -12,7 +12,8 @@ import torch
 
 from benchmarks import reference
 from benchmarks.measure import REPO_ROOT
-from pipeline.data import bigram_counts, conditional_entropy, to_device_tokens
+from pipeline.counts import bigram_counts, conditional_entropy
+from pipeline.data import to_device_tokens
 from pipeline.params import CORPUS_URL_ENV
 
 DEFAULT_CORPUS = REPO_ROOT / "data" / "raw" / "input.txt"

@@ -1,8 +1,7 @@
-"""Token files, batches and bigram counts shared by the train, evaluate and sample stages."""
+"""Token files and batches shared by the train, evaluate and sample stages."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,6 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
-
-# Tokens per bincount in bigram_counts: 4M tokens make 16 MB of int32 pair ids.
-COUNT_CHUNK_TOKENS = 1 << 22
 
 
 def load_vocab(path: Path) -> list[str]:
@@ -88,38 +84,3 @@ def batch_at(
     """
     positions = starts.unsqueeze(1) + torch.arange(block_size, device=tokens.device)
     return tokens[positions].long(), tokens[positions + 1].long()
-
-
-def bigram_counts(
-    tokens: torch.Tensor, vocab_size: int, chunk_tokens: int = COUNT_CHUNK_TOKENS
-) -> torch.Tensor:
-    """(V, V) float matrix: counts[i, j] = how often token j follows token i.
-
-    One pass over the tokens, a chunk at a time, so that the pair ids never take more than a
-    few tens of MB whatever the corpus size. The ids are int32 (V * V < 2**31 for any V whose
-    count matrix fits in memory), which makes the pass several times faster than int64.
-    """
-    counts = torch.zeros(vocab_size * vocab_size, dtype=torch.int64, device=tokens.device)
-    for start in range(0, len(tokens) - 1, chunk_tokens):
-        chunk = tokens[start : start + chunk_tokens + 1].int()
-        counts += torch.bincount(chunk[:-1] * vocab_size + chunk[1:], minlength=len(counts))
-    return counts.view(vocab_size, vocab_size).to(torch.float64)
-
-
-def conditional_entropy(counts: torch.Tensor) -> float:
-    """H(next | current) in nats: the lowest mean loss any bigram model reaches on these counts."""
-    row_totals = counts.sum(dim=1, keepdim=True)
-    probs = counts / row_totals.clamp(min=1)
-    nonzero = counts > 0
-    return float(-(counts[nonzero] * probs[nonzero].log()).sum() / counts.sum())
-
-
-def smoothed_probs(counts: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """Add-alpha (Laplace) smoothed next-token probabilities, as in the makemore lecture."""
-    smoothed = counts + alpha
-    return smoothed / smoothed.sum(dim=1, keepdim=True)
-
-
-def uniform_loss(vocab_size: int) -> float:
-    """Loss of a uniform guess over the vocabulary: ln(V) = 4.1744 for V = 65."""
-    return math.log(vocab_size)

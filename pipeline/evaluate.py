@@ -21,19 +21,19 @@ import mlflow
 import torch
 
 from pipeline import reproducibility, tracking
-from pipeline.data import (
+from pipeline.counts import (
     bigram_counts,
+    bigram_loss_from_counts,
     conditional_entropy,
-    load_tokens,
-    load_vocab,
-    smoothed_probs,
-    to_device_tokens,
+    counts_model_loss,
+    next_token_frequencies,
     uniform_loss,
 )
+from pipeline.data import load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import stage_entry_point
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
 from pipeline.heatmap import plot_next_char_probs
-from pipeline.model import bigram_loss_from_counts, load_model
+from pipeline.model import load_model
 from pipeline.params import load_params
 from pipeline.paths import (
     METRICS_PATH,
@@ -52,8 +52,6 @@ def compute_metrics(
     train_loss = bigram_loss_from_counts(logits, train_counts).item()
     val_loss = bigram_loss_from_counts(logits, val_counts).item()
     optimum = conditional_entropy(train_counts)
-    counts_model_log_probs = smoothed_probs(train_counts).log()
-    val_counts_model_loss = float(-(val_counts * counts_model_log_probs).sum() / val_counts.sum())
     return {
         "train_loss": train_loss,
         "val_loss": val_loss,
@@ -61,7 +59,7 @@ def compute_metrics(
         "val_improvement_over_uniform": uniform_loss(vocab_size) - val_loss,
         "train_bigram_optimum": optimum,
         "train_gap_to_optimum": train_loss - optimum,
-        "val_counts_model_loss": val_counts_model_loss,
+        "val_counts_model_loss": counts_model_loss(train_counts, val_counts),
     }
 
 
@@ -71,10 +69,10 @@ def main() -> None:
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
     logits = model.token_embedding_table.weight.detach()
-    train_counts = bigram_counts(
-        to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), "cpu"), len(chars)
+    train_counts, val_counts = (
+        bigram_counts(to_device_tokens(load_tokens(path), "cpu"), len(chars))
+        for path in (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH)
     )
-    val_counts = bigram_counts(to_device_tokens(load_tokens(VAL_TOKENS_PATH), "cpu"), len(chars))
     training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
 
     with (
@@ -82,10 +80,9 @@ def main() -> None:
         outputs_removed_on_failure(METRICS_PATH, PROBS_PLOT_PATH),
     ):
         metrics = compute_metrics(logits, train_counts, val_counts)
-        counted = (train_counts / train_counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
         plot_next_char_probs(
             model.next_token_probs().detach().numpy(),
-            counted,
+            next_token_frequencies(train_counts).numpy(),
             chars,
             train_counts.sum(dim=1).numpy(),
             PROBS_PLOT_PATH,

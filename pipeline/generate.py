@@ -9,9 +9,13 @@
 ``--vocab``). URIs are looked up in the project's MLflow store: ``mlflow.db`` at the repository
 root, or ``$MLFLOW_TRACKING_URI``. MLflow models carry their own vocabulary. The output is the
 prompt followed by the generated characters. ``--chars``, ``--temperature`` and ``--seed``
-default to params.yaml's ``sample`` section, whose ``max_chars`` bounds ``--chars``. A model
-fetched from the store goes to a temporary directory that is removed once the model is in
-memory, whether loading works or not.
+default to the model's sampling defaults, whose ``max_chars`` bounds ``--chars``: the ``sample``
+params stored with an MLflow model at training, or params.yaml's for a ``model.pt`` (see
+pipeline.textgen). A model fetched from the store goes to a temporary directory that is removed
+once the model is in memory, whether loading works or not.
+
+``--help`` and argument errors answer at once: torch and MLflow are imported only to load a
+model.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import sys
 import tempfile
 import urllib.parse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline import tracking
-from pipeline.data import load_vocab
 from pipeline.errors import PipelineError, stage_entry_point
-from pipeline.model import BigramLanguageModel, load_model
 from pipeline.params import PARAMS_FILE, SampleParams, load_params
 from pipeline.paths import MODEL_PATH, VOCAB_PATH
-from pipeline.textgen import TextGenerator, checked_request
+
+if TYPE_CHECKING:
+    from pipeline.textgen import TextGenerator
 
 # Where download_artifacts looks up a model: this project's store (and its artifacts).
 MODEL_URI_SCHEMES = ("models", "runs", "mlflow-artifacts", "file")
@@ -40,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
         raise PipelineError(f"{message} (see `{self.prog} --help`)")
 
 
-def parse_args(argv: list[str] | None, defaults: SampleParams) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(
         prog="python -m pipeline.generate",
         description="Continue a prompt with a trained bigram model.",
@@ -52,11 +56,10 @@ def parse_args(argv: list[str] | None, defaults: SampleParams) -> argparse.Names
         f"directory or a model.pt (default: {MODEL_PATH})",
     )
     parser.add_argument("--prompt", default="", help="text to continue (default: start a line)")
-    parser.add_argument(
-        "--chars", type=int, default=defaults.num_chars, help="characters to generate"
-    )
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    from_model = "(default: the model's sampling defaults)"
+    parser.add_argument("--chars", type=int, help=f"characters to generate {from_model}")
+    parser.add_argument("--temperature", type=float, help=f"sampling temperature {from_model}")
+    parser.add_argument("--seed", type=int, help=f"sampling seed {from_model}")
     parser.add_argument(
         "--vocab",
         type=Path,
@@ -66,8 +69,9 @@ def parse_args(argv: list[str] | None, defaults: SampleParams) -> argparse.Names
     return parser.parse_args(argv)
 
 
-def sample_params() -> SampleParams:
-    """params.yaml's sample section when run in the project, else the defaults."""
+def workspace_sample_params() -> SampleParams:
+    """params.yaml's sample section when run in the project, else the defaults: those of a
+    model.pt, which carries none of its own."""
     return load_params().sample if PARAMS_FILE.exists() else SampleParams()
 
 
@@ -77,6 +81,10 @@ def is_uri(reference: str) -> bool:
 
 
 def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
+    from pipeline.data import load_vocab
+    from pipeline.model import load_model
+    from pipeline.textgen import TextGenerator
+
     if is_uri(reference):
         return load_from_uri(reference)
     path = Path(reference)
@@ -84,7 +92,7 @@ def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
         return load_mlflow_model(path)
     if path.is_file():
         chars = load_vocab(vocab_path)
-        return TextGenerator(load_model(path, len(chars)), chars)
+        return TextGenerator(load_model(path, len(chars)), chars, workspace_sample_params())
     raise PipelineError(
         f"no model at {reference}: give a model URI (models:/NAME@champion, runs:/RUN_ID/model), "
         f"an MLflow model directory or a model.pt (run `dvc repro train` to make {MODEL_PATH})"
@@ -96,6 +104,8 @@ def load_from_uri(uri: str) -> TextGenerator:
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.exceptions import MlflowException
 
+    from pipeline import store
+
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme not in MODEL_URI_SCHEMES:
         raise PipelineError(
@@ -104,28 +114,28 @@ def load_from_uri(uri: str) -> TextGenerator:
         )
     # The generated text is the output; a download progress bar would only clutter it.
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.set(False)
-    store = tracking.use_store()
-    if store.startswith("sqlite:"):
-        db_path = tracking.sqlite_path(store)
+    store_uri = store.use_store()
+    if store_uri.startswith("sqlite:"):
+        db_path = store.sqlite_path(store_uri)
         if not db_path.exists():
             raise PipelineError(
                 f"no MLflow store at {db_path} to look up {uri}: run `dvc repro` first, run "
-                f"this from the repository root, or set {tracking.TRACKING_URI_ENV}"
+                f"this from the repository root, or set {store.TRACKING_URI_ENV}"
             )
-        tracking.check_sqlite_store(db_path)
+        store.check_sqlite_store(db_path)
     # The model is read into memory before the directory goes, so no run leaves it behind.
     with tempfile.TemporaryDirectory(prefix="bigram-model-") as download_dir:
         try:
             local_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir)
         except MlflowException as error:
             raise PipelineError(
-                f"cannot load model {uri} from the MLflow store {tracking.shown_uri(store)}: "
+                f"cannot load model {uri} from the MLflow store {store.shown_uri(store_uri)}: "
                 f"{error.message.splitlines()[0]}"
             ) from None
         except Exception as error:  # Artifact stores fail in their own ways (boto3, HTTP).
             reason = (str(error).strip() or type(error).__name__).splitlines()[0]
             raise PipelineError(
-                f"cannot load model {uri} from the MLflow store {tracking.shown_uri(store)} "
+                f"cannot load model {uri} from the MLflow store {store.shown_uri(store_uri)} "
                 f"({reason})"
             ) from None
         return load_mlflow_model(Path(local_dir), uri)
@@ -151,17 +161,24 @@ def _load_mlflow_model(path: Path, source: str) -> TextGenerator:
     import mlflow.pytorch
     from mlflow.models import Model
 
+    from pipeline.data import load_vocab
+    from pipeline.model import BigramLanguageModel
     from pipeline.serving import BigramTextModel
+    from pipeline.textgen import SAMPLING_DEFAULTS_FILE, TextGenerator, read_sampling_defaults
 
     flavors = Model.load(path / "MLmodel").flavors
     if "pytorch" in flavors:
         model = mlflow.pytorch.load_model(str(path), map_location="cpu")
-        vocab_files = [path / extra["path"] for extra in flavors["pytorch"].get("extra_files", [])]
-        vocab_path = next((p for p in vocab_files if p.name == VOCAB_PATH.name), None)
-        if isinstance(model, BigramLanguageModel) and vocab_path is not None:
+        extra_files = {
+            Path(extra["path"]).name: path / extra["path"]
+            for extra in flavors["pytorch"].get("extra_files", [])
+        }
+        vocab_path = extra_files.get(VOCAB_PATH.name)
+        defaults_path = extra_files.get(SAMPLING_DEFAULTS_FILE)
+        if isinstance(model, BigramLanguageModel) and vocab_path and defaults_path:
             chars = load_vocab(vocab_path)
             if model.vocab_size == len(chars):
-                return TextGenerator(model, chars)
+                return TextGenerator(model, chars, read_sampling_defaults(defaults_path))
     elif "python_function" in flavors:
         python_model = mlflow.pyfunc.load_model(str(path)).unwrap_python_model()
         if isinstance(python_model, BigramTextModel):
@@ -173,14 +190,10 @@ def _load_mlflow_model(path: Path, source: str) -> TextGenerator:
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = sample_params()
-    args = parse_args(argv, defaults)
-    request = checked_request(
-        args.prompt, args.chars, args.temperature, args.seed, defaults.max_chars
-    )
+    args = parse_args(argv)
     generator = load_generator(args.model, args.vocab)
-    text = generator.generate(request.prompt, request.num_chars, request.temperature, request.seed)
-    sys.stdout.write(text + "\n")
+    request = generator.request(args.prompt, args.chars, args.temperature, args.seed)
+    sys.stdout.write(generator.complete(request) + "\n")
 
 
 if __name__ == "__main__":

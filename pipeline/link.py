@@ -19,57 +19,10 @@ nor torch and reads the store read-only (about 0.1 s). Other stores go through M
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import sqlite3
-from pathlib import Path
-
-from pipeline import runrecord
+from pipeline import runrecord, store
 from pipeline.errors import stage_entry_point
-from pipeline.files import file_sha256, process_is_alive
+from pipeline.files import file_sha256
 from pipeline.paths import MODEL_PATH
-
-# The same defaults as pipeline.tracking, which imports MLflow (a second): see store_path().
-TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-STORE_FILE = "mlflow.db"
-HOST_TAG = "pipeline.host"
-PID_TAG = "pipeline.pid"
-
-
-def store_path() -> Path | None:
-    """The SQLite store tracking.tracking_uri() would use, or None for any other store."""
-    configured = os.environ.get(TRACKING_URI_ENV)
-    if configured:
-        if not configured.startswith("sqlite:///"):
-            return None
-        return Path(configured.removeprefix("sqlite:///").split("?", 1)[0])
-    return Path(os.environ.get("DVC_ROOT") or ".").resolve() / STORE_FILE
-
-
-def abandoned_runs_in_sqlite(path: Path) -> bool | None:
-    """Whether the store holds a run RUNNING on this host whose process has gone.
-
-    Read-only, with the standard library: None when the store cannot be read this way.
-    """
-    if not path.is_file():
-        return False
-    query = """
-        SELECT host.value, pid.value FROM runs
-        JOIN tags AS host ON host.run_uuid = runs.run_uuid AND host.key = ?
-        JOIN tags AS pid ON pid.run_uuid = runs.run_uuid AND pid.key = ?
-        WHERE runs.status = 'RUNNING'
-    """
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-            rows = db.execute(query, (HOST_TAG, PID_TAG)).fetchall()
-    except sqlite3.Error:
-        return None
-    host = socket.gethostname()
-    return any(
-        found_host == host and pid.isdigit() and not process_is_alive(int(pid))
-        for found_host, pid in rows
-    )
 
 
 def main() -> None:
@@ -78,8 +31,8 @@ def main() -> None:
         return
     model_sha256 = file_sha256(MODEL_PATH)
     linked = runrecord.recorded_model_sha256() == model_sha256
-    store = store_path()
-    abandoned = abandoned_runs_in_sqlite(store) if store is not None else None
+    sqlite_file = store.sqlite_store_path()
+    abandoned = store.abandoned_runs_in_sqlite(sqlite_file) if sqlite_file else None
     if linked and abandoned is False:
         runrecord.stage_for_experiment()
         return  # The common case, a no-op `dvc repro`: nothing to do, nothing imported.
@@ -89,7 +42,7 @@ def main() -> None:
     from pipeline.params import load_params
 
     params = load_params()
-    experiment_id = tracking.connect(params.tracking.experiment_name)
+    experiment_id = store.connect(params.tracking.experiment_name)
     tracking.end_runs_of_dead_processes(experiment_id)
     if linked:
         runrecord.stage_for_experiment()
@@ -98,7 +51,7 @@ def main() -> None:
     # A model pulled from a DVC remote may have been trained against another store.
     runrecord.write_run_record(run_id, model_sha256)
     if run_id is None:
-        store_uri = tracking.shown_uri(tracking.tracking_uri())
+        store_uri = store.shown_uri(store.tracking_uri())
         print(f"link: no training run in the MLflow store {store_uri} holds {MODEL_PATH}")
     else:
         print(f"link: {MODEL_PATH} was trained by MLflow run {run_id}")

@@ -84,16 +84,6 @@ class BigramLanguageModel(nn.Module):
         return torch.cat([idx, sampled_tensor.view(idx.shape[0], max_new_tokens)], dim=1)
 
 
-def bigram_loss_from_counts(logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Exact mean cross-entropy over every bigram of a split, given its (V, V) count matrix.
-
-    counts[i, j] is how often token j follows token i. Summing -log softmax(logits)[i, j] over
-    all N bigrams equals sum(counts * -log_softmax(logits)) / N: O(V^2) once counts are known.
-    """
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    return -(counts * log_probs).sum() / counts.sum()
-
-
 def save_model(model: BigramLanguageModel, path: Path) -> None:
     """Save the weights so that the same weights always give the same bytes.
 

@@ -33,8 +33,8 @@ def main() -> None:
         tracking.model_run("sample", params, training_run, stage_params),
         outputs_removed_on_failure(SAMPLE_PATH),
     ):
-        generator = TextGenerator(model, chars)
-        text = generator.generate("", config.num_chars, config.temperature, config.seed)
+        generator = TextGenerator(model, chars, defaults=config)
+        text = generator.complete(generator.request())
         write_text(SAMPLE_PATH, text)
         mlflow.log_text(text, "samples/sample.txt")
         tracking.add_to_run(training_run, texts={"samples/sample.txt": text})

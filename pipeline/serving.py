@@ -1,9 +1,10 @@
-"""The trained model as a text generator in MLflow: logged as a pyfunc, registered, served.
+"""The trained model in MLflow: logged in two flavours, registered, served.
 
-Beside the PyTorch flavour (``model``, for ``mlflow.pytorch.load_model``), each training logs
-``generator``: a pyfunc that takes prompts and returns text, holding the weights and the
-vocabulary. It is registered in the Model Registry under ``tracking.registered_model_name``, one
-version per training, so that
+Each training logs ``model`` (PyTorch, for ``mlflow.pytorch.load_model``) and ``generator``: a
+pyfunc that takes prompts and returns text, holding the weights and the vocabulary. Both carry
+the training's ``sample`` params as their sampling defaults (pipeline.textgen), and the pipeline
+modules of the train stage's deps as their code. The generator is registered in the Model
+Registry under ``tracking.registered_model_name``, one version per training, so that
 
     mlflow models serve -m models:/bigram-shakespeare@champion --env-manager local
 
@@ -20,9 +21,11 @@ val loss beats the current champion's (the first version becomes champion).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -36,13 +39,22 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
-from pipeline import tracking
+from pipeline import reproducibility, tracking
 from pipeline.data import load_vocab
 from pipeline.errors import PipelineError
-from pipeline.model import load_model
+from pipeline.model import BigramLanguageModel, load_model
 from pipeline.params import Params
-from pipeline.textgen import Request, TextGenerator, check_total, checked_request
+from pipeline.paths import MODEL_PATH, VOCAB_PATH
+from pipeline.textgen import (
+    Request,
+    TextGenerator,
+    check_total,
+    checked_request,
+    read_sampling_defaults,
+    write_sampling_defaults,
+)
 
+MODEL_ARTIFACT = "model"
 GENERATOR_ARTIFACT = "generator"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -80,39 +92,29 @@ class BigramTextModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         chars = load_vocab(Path(context.artifacts["vocab"]))
         model = load_model(Path(context.artifacts["weights"]), len(chars))
-        self.generator = TextGenerator(model, chars)
         # The training's sample params, an artifact rather than a model_config, which MLflow
         # would log again as unprefixed run params.
-        self.defaults = json.loads(Path(context.artifacts["defaults"]).read_text())
+        defaults = read_sampling_defaults(Path(context.artifacts["defaults"]))
+        self.generator = TextGenerator(model, chars, defaults)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         try:
             # Every row is checked, and the request as a whole, before any is generated.
             requests = [self.checked(row, model_input) for row in model_input.to_dict("records")]
-            check_total(requests, self.defaults["max_chars"])
-            return [
-                self.generator.generate(r.prompt, r.num_chars, r.temperature, r.seed)
-                for r in requests
-            ]
+            check_total(requests, self.generator.defaults.max_chars)
+            return [self.generator.complete(request) for request in requests]
         except PipelineError as error:
             # The scoring server answers an MlflowException with HTTP 400 and this message.
             raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
 
     def checked(self, row: dict, batch: pd.DataFrame) -> Request:
-        values = {
-            column: self._value(row, column, batch, self.defaults[default])
-            for column, default in (
-                ("chars", "num_chars"),
-                ("temperature", "temperature"),
-                ("seed", "seed"),
-            )
-        }
+        defaults = self.generator.defaults
         return checked_request(
             row.get("prompt"),
-            values["chars"],
-            values["temperature"],
-            values["seed"],
-            self.defaults["max_chars"],
+            self._value(row, "chars", batch, defaults.num_chars),
+            self._value(row, "temperature", batch, defaults.temperature),
+            self._value(row, "seed", batch, defaults.seed),
+            defaults.max_chars,
         )
 
     @staticmethod
@@ -133,47 +135,95 @@ def _is_gap(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
-def log_text_generator(
-    weights_path: Path,
-    vocab_path: Path,
-    params: Params,
-    step: int = 0,
-    code_paths: list[str] | None = None,
-):
-    """Log the pyfunc generator into the active run at ``step``; returns MLflow's ModelInfo.
+def log_models(
+    model: BigramLanguageModel, params: Params, run_id: str, losses: dict[str, float], step: int
+) -> list[str]:
+    """Log both flavours into the active run at ``step`` and register the generator as a new
+    version; returns the two logged models' ids.
 
-    MLflow links the run's metrics logged at ``step`` to the logged model.
+    MLflow links the run's metrics logged at ``step`` to the logged models, so they show the
+    final losses when ``step`` is the last one.
     """
-    pipeline_package = Path(__file__).resolve().parent
-    sample = params.sample
-    defaults = {
-        "num_chars": sample.num_chars,
-        "temperature": sample.temperature,
-        "seed": sample.seed,
-        "max_chars": sample.max_chars,
-    }
-    with tempfile.TemporaryDirectory(prefix="bigram-generator-") as scratch:
-        defaults_path = Path(scratch) / "defaults.json"
-        defaults_path.write_text(json.dumps(defaults))
-        return mlflow.pyfunc.log_model(
-            name=GENERATOR_ARTIFACT,
-            python_model=str(pipeline_package / "generator_model.py"),
-            artifacts={
-                "weights": str(weights_path),
-                "vocab": str(vocab_path),
-                "defaults": str(defaults_path),
-            },
-            code_paths=code_paths or [str(pipeline_package)],
-            step=step,
-            signature=SIGNATURE,
-            input_example=input_example(load_vocab(vocab_path)),
-            # Listing requirements skips MLflow's slow inference of them from a subprocess.
-            pip_requirements=[
-                f"torch=={torch.__version__.split('+')[0]}",
-                f"mlflow=={mlflow.__version__}",
-                f"pandas=={pd.__version__}",
-            ],
-        )
+    with (
+        model_code() as code_paths,
+        tempfile.TemporaryDirectory(prefix="bigram-defaults-") as scratch,
+    ):
+        defaults_path = write_sampling_defaults(params.sample, Path(scratch))
+        pytorch_model_id = log_pytorch_model(model, defaults_path, step, code_paths)
+        generator = log_text_generator(MODEL_PATH, VOCAB_PATH, defaults_path, step, code_paths)
+    register_version(generator.model_uri, params, run_id, losses)
+    return [pytorch_model_id, generator.model_id]
+
+
+@contextlib.contextmanager
+def model_code() -> Iterator[list[str]]:
+    """The pipeline modules the logged models carry: the train stage's code deps in dvc.yaml.
+
+    The registered model then holds exactly the code that `dvc repro` reruns training for, so a
+    change to any module it needs makes a new version. Outside a project, the whole package.
+    The copy lives in a temporary directory for as long as the models are being logged.
+    """
+    package = Path(__file__).resolve().parent
+    if not reproducibility.DVC_FILE.is_file():
+        yield [str(package)]
+        return
+    with tempfile.TemporaryDirectory(prefix="bigram-code-") as scratch:
+        target = Path(scratch) / package.name
+        target.mkdir()
+        for dep in reproducibility.stage_deps(reproducibility.TRAIN_STAGE):
+            path = Path(dep)
+            if path.parent.name == package.name and path.suffix == ".py":
+                shutil.copy2(path, target / path.name)
+        yield [str(target)]
+
+
+def pip_requirements() -> list[str]:
+    # Listing requirements skips MLflow's slow inference of them from a subprocess.
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        f"pandas=={pd.__version__}",
+    ]
+
+
+def log_pytorch_model(
+    model: BigramLanguageModel, defaults_path: Path, step: int, code_paths: list[str]
+) -> str:
+    """Log the model in MLflow's PyTorch format, with its vocabulary; returns its model id."""
+    import mlflow.pytorch
+
+    info = mlflow.pytorch.log_model(
+        model.cpu(),
+        name=MODEL_ARTIFACT,
+        # Pickle keeps the full module, so mlflow.pytorch.load_model returns a model that
+        # can .generate(); "pt2" would save only the traced forward pass.
+        serialization_format="pickle",
+        code_paths=code_paths,
+        extra_files=[str(VOCAB_PATH), str(defaults_path)],
+        step=step,
+        pip_requirements=pip_requirements(),
+    )
+    return info.model_id
+
+
+def log_text_generator(
+    weights_path: Path, vocab_path: Path, defaults_path: Path, step: int, code_paths: list[str]
+):
+    """Log the pyfunc generator into the active run at ``step``; returns MLflow's ModelInfo."""
+    return mlflow.pyfunc.log_model(
+        name=GENERATOR_ARTIFACT,
+        python_model=str(Path(__file__).resolve().parent / "generator_model.py"),
+        artifacts={
+            "weights": str(weights_path),
+            "vocab": str(vocab_path),
+            "defaults": str(defaults_path),
+        },
+        code_paths=code_paths,
+        step=step,
+        signature=SIGNATURE,
+        input_example=input_example(load_vocab(vocab_path)),
+        pip_requirements=pip_requirements(),
+    )
 
 
 def register_version(

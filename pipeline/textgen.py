@@ -2,30 +2,69 @@
 
 Shared by the sample stage, the generate command and the model MLflow serves, so that all three
 encode prompts, bound requests and sample the same way.
+
+Sampling defaults have one source: the ``sample`` section of params.yaml. The sample stage reads
+it; training stores it with both logged models (``sampling_defaults.json``), so a model fetched
+from MLflow samples with the defaults it was trained beside, whatever the current directory's
+params.yaml says; ``model.pt`` in the workspace uses params.yaml, which `dvc repro` keeps in
+step with it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
-from pipeline.params import MAX_SEED, MIN_TEMPERATURE
+from pipeline.params import MAX_SEED, MIN_TEMPERATURE, SampleParams
 
 # The lecture starts generation from token 0, a newline; an empty prompt does the same.
 START_CHAR = "\n"
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+
+
+def write_sampling_defaults(sample: SampleParams, directory: Path) -> Path:
+    path = directory / SAMPLING_DEFAULTS_FILE
+    path.write_text(json.dumps(dataclasses.asdict(sample), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_sampling_defaults(path: Path) -> SampleParams:
+    return SampleParams(**json.loads(path.read_text(encoding="utf-8")))
 
 
 @dataclass(frozen=True)
 class TextGenerator:
     model: BigramLanguageModel
     chars: list[str]
+    # What a request leaves out: the sample params the model was trained beside.
+    defaults: SampleParams = field(default_factory=SampleParams)
+
+    def request(
+        self,
+        prompt: Any = "",
+        num_chars: Any = None,
+        temperature: Any = None,
+        seed: Any = None,
+    ) -> Request:
+        """A checked request, its missing fields (None) taken from the defaults."""
+        defaults = self.defaults
+        return checked_request(
+            prompt,
+            defaults.num_chars if num_chars is None else num_chars,
+            defaults.temperature if temperature is None else temperature,
+            defaults.seed if seed is None else seed,
+            defaults.max_chars,
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text; characters the model never saw are an error that names them."""
@@ -38,6 +77,9 @@ class TextGenerator:
                 f"{listed}; remove or replace them"
             )
         return [index[char] for char in text]
+
+    def complete(self, request: Request) -> str:
+        return self.generate(request.prompt, request.num_chars, request.temperature, request.seed)
 
     def generate(self, prompt: str, num_chars: int, temperature: float, seed: int) -> str:
         """The prompt followed by num_chars sampled characters (seeded: same seed, same text).

@@ -13,31 +13,20 @@ no run id enters a file DVC hashes. data/train/run.json, which `dvc exp show` li
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import mlflow
 import pandas as pd
 import torch
-from mlflow.data.http_dataset_source import HTTPDatasetSource
-from mlflow.data.meta_dataset import MetaDataset
 from tqdm import tqdm
 
-from pipeline import reproducibility, runrecord, tracking
-from pipeline.data import bigram_counts, load_tokens, load_vocab, to_device_tokens
+from pipeline import reproducibility, runrecord, serving, tracking
+from pipeline.counts import bigram_counts
+from pipeline.data import load_tokens, load_vocab, to_device_tokens
 from pipeline.errors import stage_entry_point
-from pipeline.files import (
-    atomic_path,
-    file_sha256,
-    outputs_removed_on_failure,
-    read_json,
-)
+from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
 from pipeline.model import BigramLanguageModel, save_model
-from pipeline.params import Params, load_params
+from pipeline.params import TrainParams, load_params
 from pipeline.paths import (
     LOSS_CURVE_PATH,
     MANIFEST_FIELDS,
@@ -48,200 +37,82 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
-from pipeline.secrets import masked
-from pipeline.training import (
-    check_block_size,
-    exact_losses,
-    resolve_device,
-    train_minibatch,
-    train_on_counts,
-)
-
-MODEL_ARTIFACT = "model"
+from pipeline.training import check_block_size, exact_losses, fit, resolve_device
 
 
-def split_datasets(params: Params, manifest: dict) -> dict[str, MetaDataset]:
-    """The corpus and its train and val splits as MLflow datasets (digest: their sha256)."""
-    source = HTTPDatasetSource(masked(params.data.url))
-    return {
-        "corpus": MetaDataset(source, name=params.data.name, digest=manifest["corpus_sha256"][:16]),
-        "train": MetaDataset(
-            source, name=f"{params.data.name}-train", digest=file_sha256(TRAIN_TOKENS_PATH)[:16]
-        ),
-        "val": MetaDataset(
-            source, name=f"{params.data.name}-val", digest=file_sha256(VAL_TOKENS_PATH)[:16]
-        ),
+def load_splits(device: torch.device, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The train and val tokens on the device, and their bigram counts."""
+    splits = {
+        "train_tokens": to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), device),
+        "val_tokens": to_device_tokens(load_tokens(VAL_TOKENS_PATH), device),
     }
+    splits["train_counts"] = bigram_counts(splits["train_tokens"], vocab_size)
+    splits["val_counts"] = bigram_counts(splits["val_tokens"], vocab_size)
+    return splits
 
 
-def log_training_run_inputs(
-    params: Params, manifest: dict, device: torch.device, datasets: dict[str, MetaDataset]
-) -> None:
-    """Params, tags and datasets, so a model can be traced to its data and code."""
-    # Every param once, named as DVC names it (`train.lr`, `sample.temperature`).
-    mlflow.log_params(params.flat())
-    mlflow.set_tags(reproducibility.record(device))
-    run = mlflow.active_run()
-    experiment_id = run.info.experiment_id
-    lineage = {
-        "download_run_id": tracking.find_run(
-            experiment_id, "download", tracking.CORPUS_TAG, manifest["corpus_sha256"]
-        ),
-        "vocab_run_id": tracking.find_run(
-            experiment_id, "vocab", tracking.MANIFEST_TAG, file_sha256(MANIFEST_PATH)
-        ),
-    }
-    mlflow.set_tags(
-        {
-            "device": str(device),
-            tracking.CORPUS_TAG: manifest["corpus_sha256"],
-            **{name: run_id for name, run_id in lineage.items() if run_id},
-        }
-    )
-    tracking.log_datasets(
-        run.info.run_id,
-        {"training": datasets["corpus"], "train": datasets["train"], "validation": datasets["val"]},
-    )
+def train_model(
+    model: BigramLanguageModel,
+    splits: dict[str, torch.Tensor],
+    config: TrainParams,
+    datasets: dict,
+) -> list[dict]:
+    """Fit the model; log the exact losses at every eval point but the last; return the curve.
 
-
-@contextlib.contextmanager
-def model_code() -> Iterator[list[str]]:
-    """The pipeline modules the logged models carry: the train stage's code deps in dvc.yaml.
-
-    The registered model then holds exactly the code that `dvc repro` reruns training for, so a
-    change to any module it needs makes a new version. Outside a project, the whole package.
-    The copy lives in a temporary directory for as long as the models are being logged.
+    The final point is logged with the models, so that MLflow links it to them.
     """
-    package = Path(__file__).resolve().parent
-    if not reproducibility.DVC_FILE.is_file():
-        yield [str(package)]
-        return
-    with tempfile.TemporaryDirectory(prefix="bigram-code-") as scratch:
-        target = Path(scratch) / package.name
-        target.mkdir()
-        for dep in reproducibility.stage_deps(reproducibility.TRAIN_STAGE):
-            path = Path(dep)
-            if path.parent.name == package.name and path.suffix == ".py":
-                shutil.copy2(path, target / path.name)
-        yield [str(target)]
-
-
-def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | None = None) -> None:
-    """Log one point of the loss curve, each loss linked to its split (and to a logged model)."""
-    for split in ("train", "val"):
-        mlflow.log_metric(
-            f"{split}_loss",
-            point[f"{split}_loss"],
-            step=point["step"],
-            dataset=datasets[split],
-            model_id=model_id,
-        )
-
-
-def log_model(
-    model: BigramLanguageModel, params: Params, step: int = 0, code_paths: list[str] | None = None
-) -> str:
-    """Log the model in MLflow's PyTorch format, with its vocabulary; returns its model id."""
-    import mlflow.pytorch
-
-    info = mlflow.pytorch.log_model(
-        model.cpu(),
-        name=MODEL_ARTIFACT,
-        # Pickle keeps the full module, so mlflow.pytorch.load_model returns a model that
-        # can .generate(); "pt2" would save only the traced forward pass.
-        serialization_format="pickle",
-        code_paths=code_paths or [str(Path(__file__).resolve().parent)],
-        extra_files=[str(VOCAB_PATH)],
-        step=step,
-        # Listing requirements skips MLflow's slow inference of them from a subprocess.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-        ],
+    curve: list[dict] = []
+    progress = tqdm(
+        total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr
     )
-    return info.model_id
+
+    def on_eval(step: int) -> None:
+        train_loss, val_loss = exact_losses(model, splits["train_counts"], splits["val_counts"])
+        curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+        if step < config.max_iters:
+            tracking.log_losses(curve[-1], datasets)
+        tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+
+    fit(model, splits["train_tokens"], splits["train_counts"], config, on_eval, progress)
+    progress.close()
+    return curve
 
 
-def register_text_generator(
-    params: Params,
-    run_id: str,
-    final_eval: dict,
-    step: int = 0,
-    code_paths: list[str] | None = None,
-) -> str:
-    """Log the model as a pyfunc that generates text, register it as a new version; returns the
-    logged model's id."""
-    # Imported here: only training needs the pyfunc machinery.
-    from pipeline import serving
-
-    generator = serving.log_text_generator(
-        MODEL_PATH, VOCAB_PATH, params, step=step, code_paths=code_paths
-    )
-    metrics = {"train_loss": final_eval["train_loss"], "val_loss": final_eval["val_loss"]}
-    serving.register_version(generator.model_uri, params, run_id, metrics)
-    return generator.model_id
+def save_outputs(model: BigramLanguageModel, curve: list[dict]) -> None:
+    save_model(model, MODEL_PATH)
+    with atomic_path(LOSS_CURVE_PATH) as tmp_path:
+        pd.DataFrame(curve).to_csv(tmp_path, index=False)
+    mlflow.log_artifact(str(LOSS_CURVE_PATH))
+    mlflow.log_artifact(str(VOCAB_PATH))
 
 
 def main() -> None:
     reproducibility.pin_threads()
     params = load_params()
     config = params.train
-    manifest = read_json(MANIFEST_PATH, MANIFEST_FIELDS)
+    corpus_sha256 = read_json(MANIFEST_PATH, MANIFEST_FIELDS)["corpus_sha256"]
     vocab = load_vocab(VOCAB_PATH)
     device = resolve_device(config.device)
-    train_tokens = to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), device)
-    val_tokens = to_device_tokens(load_tokens(VAL_TOKENS_PATH), device)
-    check_block_size(config.block_size, len(train_tokens), len(val_tokens))
-    train_counts = bigram_counts(train_tokens, len(vocab))
-    val_counts = bigram_counts(val_tokens, len(vocab))
-    datasets = split_datasets(params, manifest)
-
+    splits = load_splits(device, len(vocab))
+    check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
+    datasets = tracking.training_datasets(params, corpus_sha256)
     torch.manual_seed(config.seed)
     model = BigramLanguageModel(len(vocab)).to(device)
-    curve: list[dict] = []
 
     with (
         tracking.stage_run("train", params, run_name=tracking.run_name()) as run,
         # Ctrl-C or an error after the model is saved must not leave it without its run.json.
         outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
     ):
-        log_training_run_inputs(params, manifest, device, datasets)
-        progress = tqdm(
-            total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr
-        )
-
-        def on_eval(step: int) -> None:
-            train_loss, val_loss = exact_losses(model, train_counts, val_counts)
-            curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-            if step < config.max_iters:  # The final losses are logged with the models below.
-                log_losses(curve[-1], datasets)
-            tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-
-        fit = train_on_counts if config.method == "counts" else train_minibatch
-        fit(
-            model,
-            train_counts if config.method == "counts" else train_tokens,
-            config,
-            on_eval,
-            progress,
-        )
-        progress.close()
-
-        save_model(model, MODEL_PATH)
-        with atomic_path(LOSS_CURVE_PATH) as tmp_path:
-            pd.DataFrame(curve).to_csv(tmp_path, index=False)
-        mlflow.log_artifact(str(LOSS_CURVE_PATH))
-        mlflow.log_artifact(str(VOCAB_PATH))
-        # Logged at the final step, with the final losses linked to them and to the datasets.
-        with model_code() as code_paths:
-            model_ids = [log_model(model, params, config.max_iters, code_paths)]
-            model_ids.append(
-                register_text_generator(
-                    params, run.info.run_id, curve[-1], config.max_iters, code_paths
-                )
-            )
+        run_tags = {"device": str(device), **reproducibility.record(device)}
+        tracking.log_training_inputs(params, corpus_sha256, run_tags, datasets)
+        curve = train_model(model, splits, config, datasets)
+        save_outputs(model, curve)
+        final = curve[-1]
+        losses = {"train_loss": final["train_loss"], "val_loss": final["val_loss"]}
+        model_ids = serving.log_models(model, params, run.info.run_id, losses, config.max_iters)
         for model_id in model_ids:
-            log_losses(curve[-1], datasets, model_id)
+            tracking.log_losses(final, datasets, model_id)
         model_sha256 = file_sha256(MODEL_PATH)
         mlflow.set_tag(tracking.MODEL_TAG, model_sha256)
         runrecord.write_run_record(run.info.run_id, model_sha256)

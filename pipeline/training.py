@@ -17,9 +17,10 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from pipeline.counts import bigram_loss_from_counts
 from pipeline.data import get_batch
 from pipeline.errors import PipelineError
-from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
+from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 
 EvalCallback = Callable[[int], None]
@@ -68,6 +69,21 @@ def eval_steps(max_iters: int, eval_interval: int) -> list[int]:
     """The lecture evaluates every eval_interval steps from 0; we add the final step."""
     steps = list(range(0, max_iters, eval_interval))
     return steps + [max_iters]
+
+
+def fit(
+    model: BigramLanguageModel,
+    train_tokens: torch.Tensor,
+    train_counts: torch.Tensor,
+    config: TrainParams,
+    on_eval: EvalCallback,
+    progress: tqdm,
+) -> None:
+    """Train by config.method: the lecture's minibatch loop, or L-BFGS on the bigram counts."""
+    if config.method == "counts":
+        train_on_counts(model, train_counts, config, on_eval, progress)
+    else:
+        train_minibatch(model, train_tokens, config, on_eval, progress)
 
 
 def train_minibatch(

@@ -15,8 +15,9 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import reference
-from pipeline.data import bigram_counts, conditional_entropy, get_batch, to_device_tokens
-from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
+from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.data import get_batch, to_device_tokens
+from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 from pipeline.training import eval_steps, train_minibatch, train_on_counts
 from tests.conftest import REPO_ROOT, write_committed_params

@@ -20,7 +20,7 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.model import BigramLanguageModel
-from pipeline.tracking import shown_uri
+from pipeline.store import shown_uri
 from pipeline.vocab import count_characters
 from tests.conftest import (
     VENV_BIN,

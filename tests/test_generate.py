@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import generate, paths, tracking, train
+from pipeline import generate, paths, serving, tracking
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
@@ -85,8 +85,7 @@ def test_every_form_of_a_logged_model_generates_the_same_text(workspace, capsys)
     model = BigramLanguageModel(len(CHARS))
     model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
     with tracking.stage_run("train", params) as run:
-        train.log_model(model, params)
-        train.register_text_generator(params, run.info.run_id, {"train_loss": 3, "val_loss": 3})
+        serving.log_models(model, params, run.info.run_id, {"train_loss": 3, "val_loss": 3}, 0)
     run_id = run.info.run_id
     local_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/generator", dst_path="dl")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from pipeline.data import bigram_counts, conditional_entropy
-from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
+from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 from pipeline.training import train_minibatch, train_on_counts
 from tests.markov import entropy_rate, sample_chain

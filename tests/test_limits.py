@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import generate, paths, tracking, train
+from pipeline import generate, paths, serving, store, tracking
 from pipeline.download import MAX_BYTES_ENV, bytes_from_env, download_verified
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
@@ -134,7 +134,7 @@ def log_generator(workspace: Path) -> str:  # noqa: F811
     model = BigramLanguageModel(len(CHARS))
     model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
     with tracking.stage_run("train", params) as run:
-        train.register_text_generator(params, run.info.run_id, {"train_loss": 3, "val_loss": 3})
+        serving.log_models(model, params, run.info.run_id, {"train_loss": 3, "val_loss": 3}, 0)
     return run.info.run_id
 
 
@@ -177,7 +177,7 @@ def test_the_served_model_checks_every_field_and_bounds_the_whole_request(
     env = {
         "PATH": f"{VENV_BIN}:/usr/bin:/bin",
         "HOME": str(workspace),
-        "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+        "MLFLOW_TRACKING_URI": store.tracking_uri(),
     }
     serve = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/generator"]
     serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.data import bigram_counts, conditional_entropy, get_batch
-from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
+from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.data import get_batch
+from pipeline.model import BigramLanguageModel
 
 V = 65
 

@@ -119,7 +119,7 @@ def test_many_processes_create_and_write_a_new_store_at_once(tmp_path):
     write_committed_params(tmp_path)
     env = {
         "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-        "DVC_ROOT": str(tmp_path),  # where tracking.tracking_uri() puts mlflow.db
+        "DVC_ROOT": str(tmp_path),  # where store.tracking_uri() puts mlflow.db
         "HOME": str(tmp_path),
     }
     processes = [
@@ -170,17 +170,17 @@ def test_sqlite_store_waits_for_a_writer_instead_of_failing(tmp_path, monkeypatc
     transaction waits for it rather than failing with "database is locked"."""
     from mlflow.store.db.utils import create_sqlalchemy_engine
 
-    from pipeline import tracking
+    from pipeline import store
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.tracking_uri()
-    assert uri.endswith(f"?timeout={tracking.SQLITE_BUSY_TIMEOUT_S}")
+    uri = store.tracking_uri()
+    assert uri.endswith(f"?timeout={store.SQLITE_BUSY_TIMEOUT_S}")
     with create_sqlalchemy_engine(uri).connect() as connection:
         busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
-    assert busy_ms == tracking.SQLITE_BUSY_TIMEOUT_S * 1000
+    assert busy_ms == store.SQLITE_BUSY_TIMEOUT_S * 1000
 
-    experiment_id = tracking.connect("bigram")
+    experiment_id = store.connect("bigram")
     client = MlflowClient(tracking_uri=uri)
     run_id = client.create_run(experiment_id).info.run_id
 
@@ -205,14 +205,14 @@ def test_opening_the_store_again_keeps_this_process_hold_on_it(tmp_path, monkeyp
     """evaluate and sample connect twice. The second time must not drop the process's SQLite
     locks: another process closing the store would then delete the WAL under this one, which
     parallel experiments met as "disk I/O error"."""
-    from pipeline import tracking
+    from pipeline import store
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    experiment_id = tracking.connect("bigram")
-    client = MlflowClient(tracking_uri=tracking.tracking_uri())
+    experiment_id = store.connect("bigram")
+    client = MlflowClient(tracking_uri=store.tracking_uri())
     run_id = client.create_run(experiment_id).info.run_id  # MLflow now holds a connection
-    tracking.connect("bigram")
+    store.connect("bigram")
 
     other_process = (
         "import sqlite3, sys; db = sqlite3.connect(sys.argv[1]); "

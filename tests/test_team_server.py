@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline import store, tracking
 from tests.conftest import VENV_BIN, copy_trained_repo, free_port, run
 from tests.experiments import (
     check_experiments_in_store,
@@ -289,7 +289,7 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
         # the others use it (queue workers met this as RESOURCE_ALREADY_EXISTS).
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         with ThreadPoolExecutor(max_workers=4) as pool:
-            experiment_ids = set(pool.map(lambda _: tracking.connect("bigram"), range(4)))
+            experiment_ids = set(pool.map(lambda _: store.connect("bigram"), range(4)))
         assert len(experiment_ids) == 1
 
         env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
