@@ -12,7 +12,8 @@ exit, to a JSON file:
   was dropped from sys.modules again (MLflow reloads a model's code_paths) still counts.
 - direct: the imports that pipeline code itself executes (a wrapper around builtins.__import__,
   which every import statement calls, also for a module that is already loaded).
-- chains: for each heavy module, the modules on the stack when it was first loaded.
+- chains: for each heavy module, the modules on the stack when it was first loaded, which the
+  failure message shows (e.g. "torch (pipeline.data <- pipeline.generate)").
 
 Why not `-X importtime` on stderr: tqdm's progress bar writes to stderr without newlines and
 would run into its lines, subprocesses started with the interpreter's flags would interleave
@@ -199,7 +200,8 @@ class Imports:
         return modules | ({self.main} if self.main else set())
 
     def chain(self, name: str) -> str:
-        """Who loaded it: its importer, that one's importer, ... (the middle of long ones cut)."""
+        """How it came to be loaded: the modules on the stack at its first import, innermost
+        first (its importer, that one's importer or caller, ...; the middle of long ones cut)."""
         chain = self.chains.get(name) or ["?"]
         return " <- ".join(chain if len(chain) <= 6 else [*chain[:2], "...", *chain[-3:]])
 
