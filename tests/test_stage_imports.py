@@ -8,17 +8,19 @@ exit, to a JSON file:
 
 - loaded: every module the process imported: sys.modules at exit (an atexit handler registered
   before the stage starts, so it runs after every handler MLflow or torch registers), plus every
-  module the import system loaded on the way (the "import" audit event), so that a module that
-  was dropped from sys.modules again (MLflow reloads a model's code_paths) still counts.
+  module an import statement loaded on the way (the "import" audit event), so that one dropped
+  from sys.modules again still counts.
 - direct: the imports that pipeline code itself executes (a wrapper around builtins.__import__,
   which every import statement calls, also for a module that is already loaded).
 - chains: for each heavy module, the modules on the stack when it was first loaded, which the
   failure message shows (e.g. "torch (pipeline.data <- pipeline.generate)").
 
-Why not `-X importtime` on stderr: tqdm's progress bar writes to stderr without newlines and
-would run into its lines, subprocesses started with the interpreter's flags would interleave
-their own, and it shows only the first import of a module, so it cannot tell what our own code
-imports once MLflow has loaded it. A file written by the stage process itself has none of that.
+Why not `-X importtime` on stderr: it prints only what the import statement machinery loads, so
+a module loaded with importlib.import_module (as MLflow loads flavours and lazy modules) is
+missing; it shows only the first import of a module, so it cannot tell what our own code imports
+once MLflow has loaded it; and its lines share stderr with whatever the stage and the libraries
+print there (child interpreters started with the same flags, such as multiprocessing's, add
+their own). A file written by the stage process itself, at exit, has none of that.
 
 Both checks matter because the libraries bring their own: `import mlflow` (3.17) loads pandas,
 mlflow.data and tqdm, and `import torch` loads numpy and tqdm. A stage that opens an MLflow run
