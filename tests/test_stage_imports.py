@@ -32,6 +32,7 @@ evaluate's code must not import tqdm even though torch loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -255,8 +256,6 @@ def remove_run_record(repo: Path) -> None:
 
 def run_record_names_the_model(repo: Path) -> None:
     """The link stage's fast path needs run.json written for this model.pt (train just did)."""
-    import hashlib
-
     record = json.loads((repo / "data/train/run.json").read_text())
     sha256 = hashlib.sha256((repo / "data/train/model.pt").read_bytes()).hexdigest()
     assert record["model_sha256"] == sha256 and record["mlflow_run_id"], record
@@ -354,7 +353,8 @@ RUNS = (
         "generate-registered-model",
         "pipeline.generate",
         # The registered pyfunc generator, fetched from the store: MLflow's pyfunc loader (which
-        # needs pandas), the model class in pipeline.serving, torch for the weights.
+        # needs pandas), the model class in pipeline.serving, torch for the weights. Not
+        # mlflow.pytorch: that loader is for the other flavour, runs:/<run id>/model.
         uses=frozenset({"torch", "numpy", "pandas", "mlflow", "mlflow.pyfunc"}),
         must_not_load=other_stages("generate") | {TRAINING, HEATMAP},
         args=("--model", "models:/bigram-shakespeare@champion", "--prompt", "ROMEO:"),
@@ -381,7 +381,8 @@ def brought(tmp_path_factory) -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def stage_runs(trained_repo, tmp_path_factory) -> dict[str, tuple]:
-    """Every run of RUNS, in order, in one copy of the trained repo: {name: (result, imports)}."""
+    """Every run of RUNS, in order, in one copy of the trained repo:
+    {name: (completed process, Imports or None, outputs it failed to write)}."""
     trained, env = trained_repo
     directory = tmp_path_factory.mktemp("imports")
     repo = copy_trained_repo(trained, directory / "repo")
