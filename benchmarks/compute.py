@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from benchmarks import reference
 from benchmarks.measure import Row, fmt_seconds, interleaved_medians, seconds_of
+from benchmarks.reference import lecture_train_params
 from benchmarks.workload import Workload
 from pipeline.counts import bigram_counts, bigram_loss_from_counts
 from pipeline.model import BigramLanguageModel
-from pipeline.params import TrainParams
 from pipeline.training import exact_losses, train_minibatch, train_on_counts
 
-DEFAULTS = TrainParams()
+LECTURE = lecture_train_params()
 GENERATED_CHARS = 10_000
 GENERATION_BATCH = 64
 OPTIMUM_TOLERANCE = 1e-3
@@ -32,7 +32,7 @@ def no_progress() -> tqdm:
 
 
 def new_model(work: Workload, device: torch.device | str = "cpu") -> BigramLanguageModel:
-    torch.manual_seed(DEFAULTS.seed)
+    torch.manual_seed(LECTURE.seed)
     return BigramLanguageModel(work.vocab_size).to(device)
 
 
@@ -45,7 +45,7 @@ def training_rows(work: Workload, steps: int, repeats: int, device: torch.device
     """Target 1: steps per second of the same loop (AdamW, batch 32 x 8), no evaluation."""
     reference_train = work.reference_train
     tokens = work.train_tokens.to(device)
-    config = dataclasses.replace(DEFAULTS, max_iters=steps, eval_interval=steps)
+    config = dataclasses.replace(LECTURE, max_iters=steps, eval_interval=steps)
 
     def run_reference() -> None:
         model, optimizer = reference.new_model_and_optimizer(work.vocab_size, device)
@@ -83,9 +83,9 @@ def default_run_rows(work: Workload, repeats: int) -> list[Row]:
 
     def run_reference() -> None:
         model, optimizer = reference.new_model_and_optimizer(work.vocab_size)
-        for _ in range(0, DEFAULTS.max_iters, DEFAULTS.eval_interval):
+        for _ in range(0, LECTURE.max_iters, LECTURE.eval_interval):
             reference.estimate_loss(model, splits)
-            reference.train_steps(model, optimizer, work.reference_train, DEFAULTS.eval_interval)
+            reference.train_steps(model, optimizer, work.reference_train, LECTURE.eval_interval)
         weights = model.table.weight.detach()
         final["reference"] = bigram_loss_from_counts(weights, work.train_counts).item()
 
@@ -95,7 +95,7 @@ def default_run_rows(work: Workload, repeats: int) -> list[Row]:
         def on_eval(step: int) -> None:
             exact_losses(model, work.train_counts, work.val_counts)
 
-        train_minibatch(model, work.train_tokens, DEFAULTS, on_eval, no_progress())
+        train_minibatch(model, work.train_tokens, LECTURE, on_eval, no_progress())
         final["ours"] = exact_losses(model, work.train_counts, work.val_counts)[0]
 
     medians = interleaved_medians({"reference": run_reference, "ours": run_ours}, repeats)
@@ -125,7 +125,7 @@ def default_run_rows(work: Workload, repeats: int) -> list[Row]:
 def evaluation_rows(work: Workload, repeats: int) -> list[Row]:
     """Target 2: exact loss from bigram counts against the lecture's 200-batch estimate."""
     model = new_model(work)
-    train_on_counts(model, work.train_counts, DEFAULTS, lambda step: None, no_progress())
+    train_on_counts(model, work.train_counts, LECTURE, lambda step: None, no_progress())
     reference_model = reference.ReferenceBigram(work.vocab_size)
     with torch.no_grad():
         reference_model.table.weight.copy_(model.token_embedding_table.weight)
@@ -201,7 +201,7 @@ def generation_rows(work: Workload, repeats: int) -> list[Row]:
         reference_model.table.weight.copy_(model.token_embedding_table.weight)
     start = torch.zeros((1, 1), dtype=torch.long)
     batch_start = torch.zeros((GENERATION_BATCH, 1), dtype=torch.long)
-    generator = torch.Generator().manual_seed(DEFAULTS.seed)
+    generator = torch.Generator().manual_seed(LECTURE.seed)
 
     medians = interleaved_medians(
         {
@@ -240,7 +240,7 @@ def generation_rows(work: Workload, repeats: int) -> list[Row]:
 
 def optimum_rows(work: Workload, repeats: int) -> list[Row]:
     """Target 4: method counts (L-BFGS on the count matrix) against the bigram optimum."""
-    counts_config = dataclasses.replace(DEFAULTS, method="counts")
+    counts_config = dataclasses.replace(LECTURE, method="counts")
 
     def default_fit() -> float:
         model = new_model(work)
@@ -271,7 +271,7 @@ def optimum_rows(work: Workload, repeats: int) -> list[Row]:
     reach_s = statistics.median(reach_times)
 
     reference_model, optimizer = reference.new_model_and_optimizer(work.vocab_size)
-    reference.train_steps(reference_model, optimizer, work.reference_train, DEFAULTS.max_iters)
+    reference.train_steps(reference_model, optimizer, work.reference_train, LECTURE.max_iters)
     reference_gap = (
         bigram_loss_from_counts(reference_model.table.weight.detach(), work.train_counts).item()
         - work.optimum

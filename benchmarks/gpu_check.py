@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from benchmarks import reference
 from benchmarks.measure import REPO_ROOT, Row, format_table, interleaved_medians, machine_summary
+from benchmarks.reference import lecture_train_params
 from benchmarks.workload import Workload, find_corpus, load_workload
 from pipeline.model import BigramLanguageModel
-from pipeline.params import TrainParams
 from pipeline.training import exact_losses, train_minibatch
 
-DEFAULTS = TrainParams()
+LECTURE = lecture_train_params()
 # CUDA-graph step against the lecture's loop on the same GPU; GPU loss against the CPU's.
 SPEEDUP_GOAL = 10.0
 LOSS_TOLERANCE = 0.01
@@ -53,7 +53,7 @@ def synchronized(function, device: torch.device):
 
 
 def new_model(work: Workload, device: torch.device) -> BigramLanguageModel:
-    torch.manual_seed(DEFAULTS.seed)
+    torch.manual_seed(LECTURE.seed)
     return BigramLanguageModel(work.vocab_size).to(device)
 
 
@@ -61,7 +61,7 @@ def step_rate_rows(work: Workload, steps: int, repeats: int) -> list[Row]:
     """Steps/s of the same AdamW training (batch 32 x 8, no evaluation), three ways, one GPU."""
     cuda = torch.device("cuda")
     tokens = work.train_tokens.to(cuda)
-    config = TrainParams(max_iters=steps, eval_interval=steps)
+    config = lecture_train_params(max_iters=steps, eval_interval=steps)
 
     def lecture_loop() -> None:
         model, optimizer = reference.new_model_and_optimizer(work.vocab_size, cuda)
@@ -118,7 +118,7 @@ def default_run(work: Workload, device: torch.device) -> tuple[float, float, flo
     train_minibatch(
         model,
         tokens,
-        DEFAULTS,
+        LECTURE,
         lambda step: exact_losses(model, train_counts, val_counts),
         tqdm(disable=True),
     )

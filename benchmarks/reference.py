@@ -14,11 +14,14 @@ sample): ``python -m benchmarks.reference path/to/input.txt``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.params import TrainParams
 
 BATCH_SIZE = 32
 BLOCK_SIZE = 8
@@ -28,6 +31,23 @@ LEARNING_RATE = 1e-2
 EVAL_ITERS = 200
 SEED = 1337
 SAMPLE_CHARS = 500
+
+
+def lecture_train_params(**overrides) -> TrainParams:
+    """The lecture's hyperparameters as the pipeline's train params, for the benchmarks and the
+    tests that run the pipeline's loops beside this one. (params.yaml commits the same values:
+    tests/test_params.py checks that.)"""
+    lecture = TrainParams(
+        method="minibatch",
+        batch_size=BATCH_SIZE,
+        block_size=BLOCK_SIZE,
+        max_iters=MAX_ITERS,
+        eval_interval=EVAL_INTERVAL,
+        lr=LEARNING_RATE,
+        seed=SEED,
+        device="auto",
+    )
+    return dataclasses.replace(lecture, **overrides)
 
 
 def encode_corpus(text: str) -> tuple[list[str], torch.Tensor]:

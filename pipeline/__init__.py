@@ -1,9 +1,16 @@
 """Karpathy's character-level bigram language model as a DVC + MLflow pipeline.
 
 Each stage is a module run as ``python -m pipeline.<stage>`` (see dvc.yaml):
-download -> vocab -> train -> evaluate -> sample, and link (names the MLflow run of the
-model, on every run). Shared pieces live beside them:
-``params`` (typed, validated params.yaml), ``model`` (the bigram model), ``data``
-(token files, batches, bigram counts), ``tracking`` (MLflow), ``files`` (atomic writes)
-and ``errors`` (one-line failures).
+``download`` -> ``vocab`` -> ``train`` -> ``evaluate`` -> ``sample``, and ``link`` (names the
+MLflow run of the workspace's model, on every run). ``generate`` is the user's command for text
+from any trained model. No stage imports another; they share:
+
+- ``paths`` (every input and output path), ``params`` (typed, validated params.yaml);
+- ``model`` (the bigram model), ``counts`` (bigram counts and the exact losses they give),
+  ``data`` (vocabulary, token files, batches), ``training`` (the loops), ``heatmap``;
+- ``tracking`` (the stages' MLflow runs), ``store`` (where the MLflow store is, opened safely),
+  ``serving`` and ``generator_model`` (the logged and registered models), ``textgen`` (text in,
+  text out, sampling defaults), ``runrecord`` (data/train/run.json), ``reproducibility`` (a
+  run's rebuild record);
+- ``files`` (atomic writes), ``errors`` (one-line failures), ``secrets`` (masked passwords).
 """

@@ -29,7 +29,7 @@ import mlflow
 from pipeline import tracking
 from pipeline.errors import PipelineError, stage_entry_point
 from pipeline.files import atomic_path, write_json
-from pipeline.params import CORPUS_URL_ENV, load_params
+from pipeline.params import CORPUS_URL_ENV, DataParams, load_params
 from pipeline.paths import CORPUS_PATH, DOWNLOAD_INFO_PATH
 from pipeline.secrets import basic_auth_header, masked, split_credentials
 
@@ -173,9 +173,14 @@ def read_chunk(response: BinaryIO, shown_source: str, size: int) -> bytes:
         ) from None
 
 
+def corpus_source(data: DataParams) -> str:
+    """Where to fetch the corpus: ``$BIGRAM_CORPUS_URL`` (a mirror) or ``data.url``."""
+    return os.environ.get(CORPUS_URL_ENV) or data.url
+
+
 def main() -> None:
     params = load_params()
-    source = params.data.source
+    source = corpus_source(params.data)
     timeout_s = seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
     delays_s = retry_delays(seconds_from_env(BACKOFF_ENV, DEFAULT_BACKOFF_S))
     max_bytes = bytes_from_env(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)

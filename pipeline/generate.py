@@ -69,10 +69,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def workspace_sample_params() -> SampleParams:
-    """params.yaml's sample section when run in the project, else the defaults: those of a
-    model.pt, which carries none of its own."""
-    return load_params().sample if PARAMS_FILE.exists() else SampleParams()
+def workspace_sample_params(model_path: Path) -> SampleParams:
+    """The sampling defaults of a model.pt, which carries none of its own: those of the project
+    whose train stage wrote it, params.yaml's sample section (`dvc repro` keeps them in step)."""
+    if not PARAMS_FILE.exists():
+        raise PipelineError(
+            f"{model_path} carries no sampling defaults and there is no {PARAMS_FILE} here: run "
+            "this from the repository root, or use the model's MLflow URI (models:/NAME@champion)"
+        )
+    return load_params().sample
 
 
 def is_uri(reference: str) -> bool:
@@ -92,7 +97,7 @@ def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
         return load_mlflow_model(path)
     if path.is_file():
         chars = load_vocab(vocab_path)
-        return TextGenerator(load_model(path, len(chars)), chars, workspace_sample_params())
+        return TextGenerator(load_model(path, len(chars)), chars, workspace_sample_params(path))
     raise PipelineError(
         f"no model at {reference}: give a model URI (models:/NAME@champion, runs:/RUN_ID/model), "
         f"an MLflow model directory or a model.pt (run `dvc repro train` to make {MODEL_PATH})"
@@ -158,7 +163,6 @@ def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
 
 def _load_mlflow_model(path: Path, source: str) -> TextGenerator:
     import mlflow.pyfunc
-    import mlflow.pytorch
     from mlflow.models import Model
 
     from pipeline.data import load_vocab
@@ -168,6 +172,8 @@ def _load_mlflow_model(path: Path, source: str) -> TextGenerator:
 
     flavors = Model.load(path / "MLmodel").flavors
     if "pytorch" in flavors:
+        import mlflow.pytorch  # Only this flavour needs it.
+
         model = mlflow.pytorch.load_model(str(path), map_location="cpu")
         extra_files = {
             Path(extra["path"]).name: path / extra["path"]

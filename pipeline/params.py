@@ -1,8 +1,12 @@
 """Typed, validated params: params.yaml is read once per stage and checked before any work.
 
-A wrong value fails with the param's dotted name, the allowed range and the value found, so a
-typo in ``dvc exp run -S train.lrr=0.1`` or ``-S train.batch_size=3.5`` stops the stage at once
-instead of being silently ignored or cast.
+params.yaml holds every param and its value; it is the one place where they are set (DVC reads
+it too: `dvc params diff`, `dvc exp run -S train.lr=3e-3`). Here each section is a dataclass:
+a field's annotation is the type its YAML value must have (no lossy casts: 3.5 is no int), its
+``param(...)`` lists beside it the rules its value must pass, and ``joint_checks`` ties fields
+together. A wrong value fails with the param's dotted name, the rule and the value found, so a
+typo in ``-S train.lrr=0.1`` or ``-S train.batch_size=3.5`` stops the stage at once instead of
+being ignored or cast.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import posixpath
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,8 @@ from pipeline.errors import PipelineError
 from pipeline.secrets import masked
 
 PARAMS_FILE = Path("params.yaml")
+# A mirror of data.url for this machine (offline machines, CI); read by the download stage only.
+# Not a param: the corpus it gives is the same, checked against data.sha256.
 CORPUS_URL_ENV = "BIGRAM_CORPUS_URL"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRAIN_METHODS = ("minibatch", "counts")
@@ -35,55 +42,127 @@ MAX_CHARS_LIMIT = 10_000_000
 # Logits divided by a temperature below this can overflow float32 to inf, and the sampling
 # probabilities become NaN; at 1e-3 the sampling is already greedy for any trained model.
 MIN_TEMPERATURE = 1e-3
-# MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name),
-# checked here so that a bad name fails before training rather than at registration.
-MODEL_NAME_FORBIDDEN = ("/", ":")
 # data.name goes into the registered model's name and `models:/<name>/<version>` URIs.
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
+Rule = tuple[str, Callable[[Any], bool]]
+
+
+def param(*rules: Rule) -> Any:
+    """A field whose value must pass each (rule, check) in turn; the first rule it fails is
+    the error's "must be ..." ."""
+    return dataclasses.field(metadata={"rules": rules})
+
+
+POSITIVE: Rule = ("a positive integer", lambda value: value > 0)
+# YAML reads .nan and .inf as floats; neither is a usable learning rate or temperature.
+FINITE_POSITIVE: Rule = ("a finite number > 0", lambda value: math.isfinite(value) and value > 0)
+SEED: Rule = ("an integer in [0, 2**63)", lambda value: 0 <= value < MAX_SEED)
+
+
+def sha256_hex(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value.lower())
+
+
+def short_name(value: str) -> bool:
+    return bool(value) and set(value) <= NAME_CHARS
+
+
+def registry_name(value: str) -> bool:
+    """MLflow's rule for registered model names (mlflow.utils.validation._validate_model_name),
+    checked here so that a bad name fails before training rather than at registration."""
+    return (
+        bool(value.strip())
+        and not any(char in value for char in ("/", ":"))
+        and posixpath.normpath(value) == value
+        and value != "."
+        and not value.startswith("..")
+    )
+
+
+# A section's joint_checks() yields, for each check that ties fields together,
+# (passed, field, rule, value).
+Check = tuple[bool, str, str, Any]
+
+
 @dataclass(frozen=True)
 class DataParams:
-    url: str
-    sha256: str
-    # A short name for the corpus: the MLflow dataset's, and the model's (bigram-<name>).
-    name: str
-    train_fraction: float = 0.9
+    url: str = param(("a URL", bool))
+    sha256: str = param(("a 64-digit hex sha256", sha256_hex))
+    # Names the MLflow dataset and the registered model (bigram-<name>).
+    name: str = param(("a short name of letters, digits, '.', '_' or '-'", short_name))
+    train_fraction: float = param(("in (0, 1)", lambda value: 0.0 < value < 1.0))
     # The train and evaluate stages hold several V x V float64 tables: 134 MB each at 4096.
-    max_vocab_size: int = 4096
-
-    @property
-    def source(self) -> str:
-        """Where to fetch the corpus: ``$BIGRAM_CORPUS_URL`` (offline mirror) or ``url``."""
-        return os.environ.get(CORPUS_URL_ENV) or self.url
+    max_vocab_size: int = param(("an integer >= 2", lambda value: value >= 2))
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    method: str = "minibatch"
-    batch_size: int = 32
-    block_size: int = 8
-    max_iters: int = 3000
-    eval_interval: int = 300
-    lr: float = 1e-2
-    seed: int = 1337
-    device: str = "auto"
+    method: str = param((f"one of {TRAIN_METHODS}", lambda value: value in TRAIN_METHODS))
+    batch_size: int = param(POSITIVE)
+    block_size: int = param(POSITIVE)
+    max_iters: int = param(POSITIVE, (f"at most {MAX_ITERS:,}", lambda value: value <= MAX_ITERS))
+    eval_interval: int = param(POSITIVE)
+    lr: float = param(FINITE_POSITIVE)
+    seed: int = param(SEED)
+    device: str = param((f"one of {DEVICES}", lambda value: value in DEVICES))
+
+    def joint_checks(self) -> Iterator[Check]:
+        yield (
+            self.batch_size * self.block_size <= MAX_BATCH_TOKENS,
+            "batch_size",
+            f"at most {MAX_BATCH_TOKENS:,} tokens per batch with train.block_size = "
+            f"{self.block_size} (batch_size x block_size), to fit in memory",
+            self.batch_size,
+        )
+        yield (
+            self.max_iters <= self.eval_interval * MAX_EVALS,
+            "eval_interval",
+            f"at least train.max_iters / {MAX_EVALS:,} (at most {MAX_EVALS:,} evaluations)",
+            self.eval_interval,
+        )
 
 
 @dataclass(frozen=True)
 class SampleParams:
-    num_chars: int = 500
-    seed: int = 1337
-    temperature: float = 1.0
+    """How the sample stage, the generate command and the served model sample, unless a
+    request says otherwise (see pipeline.textgen)."""
+
+    num_chars: int = param(POSITIVE)
+    seed: int = param(SEED)
+    temperature: float = param(
+        FINITE_POSITIVE,
+        (
+            f"at least {MIN_TEMPERATURE} (lower overflows the probabilities)",
+            lambda value: value >= MIN_TEMPERATURE,
+        ),
+    )
     # Upper bound on one generation request, so a typo cannot ask for a billion characters.
-    max_chars: int = 1_000_000
+    max_chars: int = param(
+        POSITIVE,
+        (f"at most {MAX_CHARS_LIMIT:,} (to fit in memory)", lambda value: value <= MAX_CHARS_LIMIT),
+    )
+
+    def joint_checks(self) -> Iterator[Check]:
+        yield (
+            self.num_chars <= self.max_chars,
+            "num_chars",
+            f"at most sample.max_chars = {self.max_chars}",
+            self.num_chars,
+        )
 
 
 @dataclass(frozen=True)
 class TrackingParams:
-    experiment_name: str = "bigram"
+    experiment_name: str = param(("non-empty", bool))
     # Empty: bigram-<data.name>, filled in by load_params.
-    registered_model_name: str = ""
+    registered_model_name: str = param(
+        (
+            "a name MLflow's Model Registry accepts: non-empty, no '/' or ':', not '.' or '..'",
+            registry_name,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -110,24 +189,17 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         raise PipelineError(
             f"{path}: must be a mapping of sections (data, train, sample, tracking)"
         )
-    _reject_unknown_keys(raw, [field.name for field in dataclasses.fields(Params)], "", path)
+    section_types = typing.get_type_hints(Params)
+    _reject_unknown_keys(raw, list(section_types), "", path)
     sections = {}
-    for section in dataclasses.fields(Params):
-        section_type = _SECTION_TYPES[section.name]
-        values = raw.get(section.name) or {}
+    for name, section_type in section_types.items():
+        values = raw.get(name) or {}
         if not isinstance(values, dict):
-            raise PipelineError(f"{path}: '{section.name}' must be a mapping of params")
-        names = [field.name for field in dataclasses.fields(section_type)]
-        _reject_unknown_keys(values, names, f"{section.name}.", path)
-        sections[section.name] = _build_section(section_type, section.name, values, path)
-    params = Params(**sections)
-    if not params.tracking.registered_model_name:
-        tracking = dataclasses.replace(
-            params.tracking, registered_model_name=f"bigram-{params.data.name}"
-        )
-        params = dataclasses.replace(params, tracking=tracking)
-    _validate(params, path)
-    return params
+            raise PipelineError(f"{path}: '{name}' must be a mapping of params")
+        if name == "tracking" and values.get("registered_model_name") == "":
+            values = {**values, "registered_model_name": f"bigram-{sections['data'].name}"}
+        sections[name] = _build_section(section_type, name, values, path)
+    return Params(**sections)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -157,126 +229,41 @@ def _reject_unknown_keys(values: dict, known: list[str], prefix: str, path: Path
 
 
 def _build_section(section_type: type, section_name: str, values: dict, path: Path):
+    field_types = typing.get_type_hints(section_type)
+    _reject_unknown_keys(values, list(field_types), f"{section_name}.", path)
     kwargs = {}
-    for field in dataclasses.fields(section_type):
-        name = f"{section_name}.{field.name}"
-        if field.name not in values:
-            if field.default is dataclasses.MISSING:
-                raise PipelineError(f"{path}: param '{name}' is required")
-            continue
-        kwargs[field.name] = _coerce(values[field.name], field.type, name, path)
-    return section_type(**kwargs)
+    for name, field_type in field_types.items():
+        dotted = f"{section_name}.{name}"
+        if name not in values:
+            raise PipelineError(f"{path}: param '{dotted}' is required; add it to {path}")
+        kwargs[name] = _typed(values[name], field_type, dotted, path)
+    section = section_type(**kwargs)
+    _check(section, section_name, path)
+    return section
 
 
-def _coerce(value: Any, type_name: str, name: str, path: Path) -> Any:
-    """Check a YAML value against the field's type without lossy casts (3.5 is no int)."""
-    # bool is a subclass of int in Python; `batch_size: true` is still a mistake.
-    if type_name == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PipelineError(f"{path}: param '{name}' must be an integer, got {value!r}")
-        return value
-    if type_name == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PipelineError(f"{path}: param '{name}' must be a number, got {value!r}")
+def _typed(value: Any, field_type: type, name: str, path: Path) -> Any:
+    """value as field_type without lossy casts: 3.5 is no int, and bool is no number."""
+    if field_type is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if type_name == "str":
-        if not isinstance(value, str):
-            raise PipelineError(f"{path}: param '{name}' must be a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported param type {type_name} for {name}")
+    if isinstance(value, bool) or not isinstance(value, field_type):
+        kind = {int: "an integer", float: "a number", str: "a string"}[field_type]
+        raise PipelineError(f"{path}: param '{name}' must be {kind}, got {value!r}")
+    return value
 
 
-def _validate(params: Params, path: Path) -> None:
-    def require(condition: bool, name: str, rule: str, value: Any) -> None:
-        if not condition:
-            raise PipelineError(f"{path}: param '{name}' must be {rule}, got {value!r}")
-
-    data, train, sample, tracking = params.data, params.train, params.sample, params.tracking
-    require(bool(data.url), "data.url", "a URL", data.url)
-    require(
-        len(data.sha256) == 64 and all(c in "0123456789abcdef" for c in data.sha256.lower()),
-        "data.sha256",
-        "a 64-digit hex sha256",
-        data.sha256,
-    )
-    require(
-        bool(data.name) and set(data.name) <= NAME_CHARS,
-        "data.name",
-        "a short name of letters, digits, '.', '_' or '-'",
-        data.name,
-    )
-    require(
-        0.0 < data.train_fraction < 1.0, "data.train_fraction", "in (0, 1)", data.train_fraction
-    )
-    require(data.max_vocab_size >= 2, "data.max_vocab_size", "an integer >= 2", data.max_vocab_size)
-    require(train.method in TRAIN_METHODS, "train.method", f"one of {TRAIN_METHODS}", train.method)
-    for name in ("batch_size", "block_size", "max_iters", "eval_interval"):
-        value = getattr(train, name)
-        require(value > 0, f"train.{name}", "a positive integer", value)
-    require(
-        train.batch_size * train.block_size <= MAX_BATCH_TOKENS,
-        "train.batch_size",
-        f"at most {MAX_BATCH_TOKENS:,} tokens per batch with train.block_size = "
-        f"{train.block_size} (batch_size x block_size), to fit in memory",
-        train.batch_size,
-    )
-    require(
-        train.max_iters <= MAX_ITERS, "train.max_iters", f"at most {MAX_ITERS:,}", train.max_iters
-    )
-    require(
-        train.max_iters <= train.eval_interval * MAX_EVALS,
-        "train.eval_interval",
-        f"at least train.max_iters / {MAX_EVALS:,} (at most {MAX_EVALS:,} evaluations)",
-        train.eval_interval,
-    )
-    # YAML reads .nan and .inf as floats; neither is a usable learning rate or temperature.
-    require(math.isfinite(train.lr) and train.lr > 0, "train.lr", "a finite number > 0", train.lr)
-    require(train.device in DEVICES, "train.device", f"one of {DEVICES}", train.device)
-    for name, seed in (("train.seed", train.seed), ("sample.seed", sample.seed)):
-        require(0 <= seed < MAX_SEED, name, "an integer in [0, 2**63)", seed)
-    require(sample.num_chars > 0, "sample.num_chars", "a positive integer", sample.num_chars)
-    require(sample.max_chars > 0, "sample.max_chars", "a positive integer", sample.max_chars)
-    require(
-        sample.max_chars <= MAX_CHARS_LIMIT,
-        "sample.max_chars",
-        f"at most {MAX_CHARS_LIMIT:,} (to fit in memory)",
-        sample.max_chars,
-    )
-    require(
-        sample.num_chars <= sample.max_chars,
-        "sample.num_chars",
-        f"at most sample.max_chars = {sample.max_chars}",
-        sample.num_chars,
-    )
-    require(
-        math.isfinite(sample.temperature) and sample.temperature > 0,
-        "sample.temperature",
-        "a finite number > 0",
-        sample.temperature,
-    )
-    require(
-        sample.temperature >= MIN_TEMPERATURE,
-        "sample.temperature",
-        f"at least {MIN_TEMPERATURE} (lower overflows the probabilities)",
-        sample.temperature,
-    )
-    require(bool(tracking.experiment_name), "tracking.experiment_name", "non-empty", "")
-    name = tracking.registered_model_name
-    require(
-        bool(name.strip())
-        and not any(char in name for char in MODEL_NAME_FORBIDDEN)
-        and posixpath.normpath(name) == name
-        and name != "."
-        and not name.startswith(".."),
-        "tracking.registered_model_name",
-        "a name MLflow's Model Registry accepts: non-empty, no '/' or ':', not '.' or '..'",
-        name,
-    )
+def _check(section: Any, section_name: str, path: Path) -> None:
+    """Each field against its rule, then the checks that tie fields together."""
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        for rule, check in field.metadata["rules"]:
+            if not check(value):
+                _reject(path, f"{section_name}.{field.name}", rule, value)
+    joint_checks = getattr(section, "joint_checks", lambda: ())
+    for ok, name, rule, value in joint_checks():
+        if not ok:
+            _reject(path, f"{section_name}.{name}", rule, value)
 
 
-_SECTION_TYPES = {
-    "data": DataParams,
-    "train": TrainParams,
-    "sample": SampleParams,
-    "tracking": TrackingParams,
-}
+def _reject(path: Path, name: str, rule: str, value: Any) -> None:
+    raise PipelineError(f"{path}: param '{name}' must be {rule}, got {value!r}")

@@ -17,7 +17,7 @@ import json
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class TextGenerator:
     model: BigramLanguageModel
     chars: list[str]
     # What a request leaves out: the sample params the model was trained beside.
-    defaults: SampleParams = field(default_factory=SampleParams)
+    defaults: SampleParams
 
     def request(
         self,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from pipeline.download import download_verified
+from pipeline.download import corpus_source, download_verified
 from pipeline.errors import PipelineError
 from pipeline.params import CORPUS_URL_ENV, load_params
 
@@ -56,7 +56,7 @@ def shakespeare_corpus(tmp_path_factory) -> Path:
     data = load_params(write_committed_params(directory)).data
     path = directory / "input.txt"
     try:
-        download_verified(data.source, data.sha256, path)
+        download_verified(corpus_source(data), data.sha256, path)
     except PipelineError as error:
         failure = str(error)
     else:

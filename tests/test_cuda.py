@@ -12,6 +12,7 @@ import pytest
 import torch
 from tqdm import tqdm
 
+from benchmarks.reference import lecture_train_params
 from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
 from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
@@ -56,7 +57,7 @@ def test_cuda_graph_replays_the_eager_cuda_steps():
     """Same generator, same batches: the graph changes launches, not results. Only rounding
     differs: a capturable AdamW keeps its step count on the device, in float32."""
     tokens = random_tokens(20_000).to(CUDA)
-    config = TrainParams(max_iters=60, eval_interval=20)
+    config = lecture_train_params(max_iters=60, eval_interval=20)
     eager = trained_weights(tokens, config, cuda_graph=False)
     graphed = trained_weights(tokens, config)
     torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-5)
@@ -67,7 +68,7 @@ def test_cuda_graph_replays_the_eager_cuda_steps():
 
 def test_cuda_graph_training_reaches_the_cpu_loss():
     tokens = random_tokens(20_000)
-    config = TrainParams(max_iters=400, eval_interval=100)
+    config = lecture_train_params(max_iters=400, eval_interval=100)
     counts = bigram_counts(tokens, VOCAB_SIZE)
     cpu_loss = bigram_loss_from_counts(trained_weights(tokens, config), counts).item()
     # The CUDA generator draws other batches than the CPU one: compare losses, not weights.
@@ -90,7 +91,7 @@ def test_cuda_training_is_seeded():
     """The seed fixes the batches; the gradient's scatter-add may sum in another order on a GPU,
     so two runs agree to rounding, not bit for bit as on the CPU."""
     tokens = random_tokens(20_000).to(CUDA)
-    config = TrainParams(max_iters=50, eval_interval=25, seed=7)
+    config = lecture_train_params(max_iters=50, eval_interval=25, seed=7)
     first = trained_weights(tokens, config)
     torch.testing.assert_close(trained_weights(tokens, config), first, rtol=0, atol=1e-5)
     other = trained_weights(tokens, dataclasses.replace(config, seed=8))
@@ -102,7 +103,9 @@ def test_method_counts_on_cuda_reaches_the_optimum():
     counts = bigram_counts(tokens.to(CUDA), VOCAB_SIZE)
     torch.manual_seed(0)
     model = BigramLanguageModel(VOCAB_SIZE).to(CUDA)
-    train_on_counts(model, counts, TrainParams(method="counts"), lambda s: None, tqdm(disable=True))
+    train_on_counts(
+        model, counts, lecture_train_params(method="counts"), lambda s: None, tqdm(disable=True)
+    )
     gap = exact_losses(model, counts, counts)[0] - conditional_entropy(counts.cpu())
     # Below the optimum only by float32 rounding of the log-probabilities.
     assert -1e-5 <= gap < 1e-3

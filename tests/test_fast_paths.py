@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import reference
+from benchmarks.reference import lecture_train_params
 from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
 from pipeline.data import get_batch, to_device_tokens
 from pipeline.model import BigramLanguageModel
@@ -54,7 +55,7 @@ def test_train_minibatch_follows_the_lecture_loop():
     """The lecture's loop (benchmarks/reference.py), fed the same random stream, ends with the
     same table: the gather, the one log-softmax and fused AdamW change speed, not the math."""
     tokens = random_tokens(20_000)
-    config = TrainParams(max_iters=120, eval_interval=50, lr=1e-2)
+    config = lecture_train_params(max_iters=120, eval_interval=50, lr=1e-2)
     weights, eval_points = trained_with(train_minibatch, tokens, config)
     assert eval_points == [0, 50, 100, 120]
     model, optimizer = reference.new_model_and_optimizer(VOCAB_SIZE, seed=config.seed)
@@ -70,7 +71,7 @@ def test_train_minibatch_follows_the_lecture_loop():
 
 def test_train_minibatch_is_deterministic_on_cpu():
     tokens = random_tokens(20_000)
-    config = TrainParams(max_iters=50, eval_interval=25, seed=7)
+    config = lecture_train_params(max_iters=50, eval_interval=25, seed=7)
     first, _ = trained_with(train_minibatch, tokens, config)
     second, _ = trained_with(train_minibatch, tokens, config)
     assert torch.equal(first, second)
@@ -152,7 +153,7 @@ def shakespeare_counts(shakespeare_corpus: Path) -> torch.Tensor:
 def test_method_counts_reaches_the_bigram_optimum(shakespeare_counts):
     optimum = conditional_entropy(shakespeare_counts)
     assert optimum == pytest.approx(2.4519, abs=1e-4)
-    weights, eval_points = trained_with(train_on_counts, shakespeare_counts, TrainParams())
+    weights, eval_points = trained_with(train_on_counts, shakespeare_counts, lecture_train_params())
     assert eval_points == eval_steps(3000, 300)
     gap = bigram_loss_from_counts(weights, shakespeare_counts).item() - optimum
     assert 0 <= gap < 1e-3

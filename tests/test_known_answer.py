@@ -7,9 +7,9 @@ import pytest
 import torch
 from tqdm import tqdm
 
+from benchmarks.reference import lecture_train_params
 from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
 from pipeline.model import BigramLanguageModel
-from pipeline.params import TrainParams
 from pipeline.training import train_minibatch, train_on_counts
 from tests.markov import entropy_rate, sample_chain
 
@@ -27,7 +27,7 @@ def markov_chain() -> tuple[np.ndarray, torch.Tensor, float]:
 
 
 def fit(method: str, tokens: torch.Tensor, **overrides) -> BigramLanguageModel:
-    config = TrainParams(method=method, **overrides)
+    config = lecture_train_params(method=method, **overrides)
     torch.manual_seed(config.seed)
     model = BigramLanguageModel(V)
     fit_function = train_on_counts if method == "counts" else train_minibatch

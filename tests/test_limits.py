@@ -33,6 +33,7 @@ from tests.conftest import (
     run_stage,
     run_statuses,
     update_params,
+    write_committed_params,
 )
 from tests.test_generate import CHARS, workspace  # noqa: F401 (a fixture)
 from tests.test_params import load_error, write_params
@@ -78,14 +79,15 @@ def test_a_batch_too_large_for_memory_stops_before_any_work(prepared_copy):
     assert run_statuses(repo) == runs_before
 
 
-def test_the_lowest_temperature_still_gives_finite_probabilities():
+def test_the_lowest_temperature_still_gives_finite_probabilities(tmp_path):
     torch.manual_seed(0)
     model = BigramLanguageModel(len(CHARS))
     with torch.no_grad():
         model.token_embedding_table.weight.mul_(30)  # far sharper than any trained model
     probs = model.next_token_probs(MIN_TEMPERATURE)
     assert torch.isfinite(probs).all() and torch.allclose(probs.sum(dim=1), torch.ones(len(CHARS)))
-    greedy = TextGenerator(model, CHARS).generate("A", 50, MIN_TEMPERATURE, seed=1)
+    sample = load_params(write_committed_params(tmp_path)).sample
+    greedy = TextGenerator(model, CHARS, sample).generate("A", 50, MIN_TEMPERATURE, seed=1)
     assert len(greedy) == 51 and set(greedy) <= set(CHARS)
     assert not torch.isfinite(model.next_token_probs(1e-39)).all(), "why the bound exists"
 

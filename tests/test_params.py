@@ -8,6 +8,7 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 
+from benchmarks.reference import lecture_train_params
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.training import check_block_size, resolve_device
@@ -52,6 +53,12 @@ def test_the_repo_params_are_valid(tmp_path):
     assert params.sample.num_chars <= params.sample.max_chars
     assert params.data.name == "shakespeare" and params.data.max_vocab_size == 4096
     assert params.tracking.registered_model_name == "bigram-shakespeare"
+
+
+def test_the_committed_train_params_are_the_lectures(tmp_path):
+    """params.yaml is where the pipeline's values are set; the benchmarks' reference runs the
+    lecture's. They agree, so that the pipeline's default run is the lecture's."""
+    assert load_params(write_committed_params(tmp_path)).train == lecture_train_params()
 
 
 def test_the_registered_model_is_named_after_the_corpus_unless_named_itself(tmp_path):
