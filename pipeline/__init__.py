@@ -12,5 +12,6 @@ from any trained model. No stage imports another; they share:
   ``serving`` and ``generator_model`` (the logged and registered models), ``textgen`` (text in,
   text out, sampling defaults), ``runrecord`` (data/train/run.json), ``reproducibility`` (a
   run's rebuild record);
-- ``files`` (atomic writes), ``errors`` (one-line failures), ``secrets`` (masked passwords).
+- ``cli`` (how a stage runs: one-line failures, signals, no arguments), ``errors`` (the
+  exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords).
 """

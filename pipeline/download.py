@@ -27,7 +27,8 @@ from typing import BinaryIO
 import mlflow
 
 from pipeline import tracking
-from pipeline.errors import PipelineError, stage_entry_point
+from pipeline.cli import stage_entry_point
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.params import CORPUS_URL_ENV, DataParams, load_params
 from pipeline.paths import CORPUS_PATH, DOWNLOAD_INFO_PATH

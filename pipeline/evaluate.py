@@ -21,6 +21,7 @@ import mlflow
 import torch
 
 from pipeline import reproducibility, tracking
+from pipeline.cli import stage_entry_point
 from pipeline.counts import (
     bigram_counts,
     bigram_loss_from_counts,
@@ -30,7 +31,6 @@ from pipeline.counts import (
     uniform_loss,
 )
 from pipeline.data import load_tokens, load_vocab, to_device_tokens
-from pipeline.errors import stage_entry_point
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
 from pipeline.heatmap import plot_next_char_probs
 from pipeline.model import load_model

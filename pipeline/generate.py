@@ -27,7 +27,8 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.errors import PipelineError, stage_entry_point
+from pipeline.cli import stage_entry_point
+from pipeline.errors import PipelineError
 from pipeline.params import PARAMS_FILE, SampleParams, load_params
 from pipeline.paths import MODEL_PATH, VOCAB_PATH
 

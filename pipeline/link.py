@@ -20,7 +20,7 @@ nor torch and reads the store read-only (about 0.1 s). Other stores go through M
 from __future__ import annotations
 
 from pipeline import runrecord, store
-from pipeline.errors import stage_entry_point
+from pipeline.cli import stage_entry_point
 from pipeline.files import file_sha256
 from pipeline.paths import MODEL_PATH
 

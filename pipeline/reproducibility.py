@@ -1,8 +1,9 @@
 """What a training run needs to be rebuilt, recorded as tags of the run.
 
-- ``mlflow.source.git.commit`` (set for every stage) and ``git.dirty``: whether tracked files
-  differ from that commit, ``git.changed_files`` naming them. dvc.lock is left out: `dvc repro`
-  rewrites it as stages finish, and the inputs it records are hashed here instead.
+- ``git.dirty``: whether tracked files differ from the commit (``mlflow.source.git.commit``,
+  which pipeline.tracking sets on every stage's run), ``git.changed_files`` naming them.
+  dvc.lock is left out: `dvc repro` rewrites it as stages finish, and the inputs it records are
+  hashed here instead.
 - ``dvc.deps.<path>``: the md5 of each dep of the train stage, the hashes `dvc repro` writes
   for it in dvc.lock.
 - ``version.python``, ``version.torch``, ``version.dvc``, ``version.mlflow`` and
@@ -22,8 +23,6 @@ from pathlib import Path
 
 import mlflow
 import torch
-
-from pipeline.tracking import git_commit
 
 DVC_FILE = Path("dvc.yaml")
 TRAIN_STAGE = "train"
@@ -105,7 +104,6 @@ def record(device: torch.device) -> dict[str, str]:
     """The run's rebuild record, as MLflow tags."""
     changed = changed_files()
     tags = {
-        "mlflow.source.git.commit": git_commit(),
         "git.dirty": "unknown" if changed is None else str(bool(changed)).lower(),
         "version.python": platform.python_version(),
         "version.torch": torch.__version__,

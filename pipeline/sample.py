@@ -12,8 +12,8 @@ import dataclasses
 import mlflow
 
 from pipeline import tracking
+from pipeline.cli import stage_entry_point
 from pipeline.data import load_vocab
-from pipeline.errors import stage_entry_point
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_text
 from pipeline.model import load_model
 from pipeline.params import load_params

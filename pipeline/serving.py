@@ -39,7 +39,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
-from pipeline import reproducibility, tracking
+from pipeline import reproducibility
 from pipeline.data import load_vocab
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel, load_model
@@ -58,6 +58,7 @@ MODEL_ARTIFACT = "model"
 GENERATOR_ARTIFACT = "generator"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+DVC_EXPERIMENT_TAG = "dvc.exp_name"
 
 # The numeric columns are AnyType because MLflow casts to a declared type silently: "long" turns
 # chars 1.5 into 1 and 1e30 into -2**63. Values reach predict as sent, and checked_request checks
@@ -229,21 +230,24 @@ def log_text_generator(
 def register_version(
     model_uri: str, params: Params, run_id: str, metrics: dict[str, float]
 ) -> ModelVersion:
-    """Register the generator as a new version of the registered model, its metrics attached.
+    """Register the generator as a new version of the registered model.
 
-    The registry numbers versions itself: parallel trainings (``dvc queue start -j 4``) each
-    get their own version, the SQL store retrying when two claim the same number.
+    The version is tagged with its metrics and every ``train.*`` param (named as the run logs
+    them), and described in one line. The registry numbers versions itself: parallel trainings
+    (``dvc queue start -j 4``) each get their own version, the SQL store retrying when two claim
+    the same number.
     """
     name = params.tracking.registered_model_name
     train = params.train
     tags = {
         **{key: f"{value:.6f}" for key, value in metrics.items()},
-        "train.lr": str(train.lr),
-        "train.batch_size": str(train.batch_size),
-        "train.max_iters": str(train.max_iters),
+        **{key: str(value) for key, value in params.flat().items() if key.startswith("train.")},
     }
-    if tracking.dvc_experiment_name():
-        tags["dvc.exp_name"] = tracking.dvc_experiment_name()
+    client = mlflow.MlflowClient()
+    # The DVC experiment's name, which the training run carries, names the version too.
+    experiment_name = client.get_run(run_id).data.tags.get(DVC_EXPERIMENT_TAG)
+    if experiment_name:
+        tags[DVC_EXPERIMENT_TAG] = experiment_name
     try:
         version = mlflow.register_model(model_uri, name, tags=tags)
         description = (
@@ -252,7 +256,6 @@ def register_version(
             + f" after {train.max_iters} steps (lr {train.lr}, batch_size {train.batch_size},"
             f" seed {train.seed})"
         )
-        client = mlflow.MlflowClient()
         updated = client.update_model_version(name, version.version, description=description)
         set_aliases(client, name, version.version, metrics.get("val_loss"))
         return updated

@@ -17,12 +17,10 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.data.http_dataset_source import HTTPDatasetSource
-from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -41,6 +39,9 @@ from pipeline.store import (
     shown_uri,
     tracking_uri,
 )
+
+if TYPE_CHECKING:
+    from mlflow.data.meta_dataset import MetaDataset
 
 DATASET_LOG_ATTEMPTS = 3
 # How a later stage finds the run that made its input: by the input's sha256, tagged on the run.
@@ -238,6 +239,10 @@ def add_to_run(
 
 def training_datasets(params: Params, corpus_sha256: str) -> dict[str, MetaDataset]:
     """The corpus and its train and val splits as MLflow datasets (digest: their sha256)."""
+    # Imported here: only training links datasets, and other stages need not load them.
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
     source = HTTPDatasetSource(masked(params.data.url))
     name = params.data.name
     return {

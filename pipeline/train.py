@@ -21,9 +21,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline import reproducibility, runrecord, serving, tracking
+from pipeline.cli import stage_entry_point
 from pipeline.counts import bigram_counts
 from pipeline.data import load_tokens, load_vocab, to_device_tokens
-from pipeline.errors import stage_entry_point
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
 from pipeline.model import BigramLanguageModel, save_model
 from pipeline.params import TrainParams, load_params

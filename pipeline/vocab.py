@@ -17,7 +17,8 @@ import mlflow
 import numpy as np
 
 from pipeline import tracking
-from pipeline.errors import PipelineError, stage_entry_point
+from pipeline.cli import stage_entry_point
+from pipeline.errors import PipelineError
 from pipeline.files import (
     atomic_path,
     file_sha256,
