@@ -313,16 +313,20 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
     assert "Traceback" not in result.stderr
 
 
-def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeypatch):
+def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeypatch, postgres_uri):
     """Queue workers log the same corpus at the same moment: MLflow's look-up-then-insert of
     the dataset row races, and the loser's insert breaks the unique key. Every run must still
-    end up linked to the one dataset (CI met this as a failed queue task)."""
+    end up linked to the one dataset (CI met this as a failed queue task). On PostgreSQL, whose
+    transactions really run side by side."""
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
 
-    workers, rounds = 6, 5
-    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path, dict(os.environ)) as url:
+    workers, rounds = 4, 5
+    with mlflow_server(postgres_uri, tmp_path, dict(os.environ)) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        # A stuck request fails the test in minutes instead of MLflow's long retries.
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         client = MlflowClient(tracking_uri=url)
         experiment_id = client.create_experiment("datasets")
         source = HTTPDatasetSource("http://127.0.0.1/corpus.txt")
@@ -330,7 +334,7 @@ def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeyp
             # A new digest each round, so every round starts with no row to find.
             dataset = MetaDataset(source, name="corpus", digest=f"digest-{round_number}")
             run_ids = [client.create_run(experiment_id).info.run_id for _ in range(workers)]
-            start = threading.Barrier(workers)
+            start = threading.Barrier(workers, timeout=120)
 
             def link(run_id: str, dataset=dataset, start=start) -> None:
                 start.wait()
