@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks.measure import REPO_ROOT, Row, fmt_seconds, interleaved_medians, run_child
 from benchmarks.stages import MLFLOW_STARTUP, STAGES, child_env
-from tests.conftest import commit_all, make_repo_copy, update_params
+from testbed import commit_all, make_repo_copy, update_params
 
 DEFAULT_STEPS = 3_000
 SCALED_STEPS = 30_000

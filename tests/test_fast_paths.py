@@ -19,7 +19,7 @@ from pipeline.data import bigram_counts, conditional_entropy, get_batch, to_devi
 from pipeline.model import BigramLanguageModel, bigram_loss_from_counts
 from pipeline.params import TrainParams
 from pipeline.training import eval_steps, train_minibatch, train_on_counts
-from tests.conftest import REPO_ROOT, write_committed_params
+from testbed import REPO_ROOT, write_committed_params
 
 VOCAB_SIZE = 65
 

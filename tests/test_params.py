@@ -11,7 +11,7 @@ from ruamel.yaml import YAML
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.training import check_block_size, resolve_device
-from tests.conftest import (
+from testbed import (
     assert_one_line_error,
     run,
     run_stage,
