@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         "stage-cost": lambda: turnaround.stage_cost_rows(
             corpus, scratch, args.threads, max(2, args.repeats // 2)
         ),
+        # Quick: 2 queued experiments per batch (enough for `-j 2`) instead of 8.
         "turnaround": lambda: turnaround.turnaround_rows(
-            corpus, scratch, args.threads, max(1, args.repeats // 2)
+            corpus, scratch, args.threads, 2 if args.quick else turnaround.QUEUED_EXPERIMENTS
         ),
     }
     rows = []
