@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: the reference and ours, measured in the same run.
 
     python -m benchmarks.run                       # every target
-    python -m benchmarks.run --quick               # fewer repeats and a 20 MB corpus
+    python -m benchmarks.run --quick               # fewer repeats, a 20 MB corpus, 2 queued exps
     python -m benchmarks.run --only training,generation
     python -m benchmarks.run --output bench.md     # also write the table to a file
 
