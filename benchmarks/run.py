@@ -1,7 +1,7 @@
 """Run the benchmarks and print one table: the reference and ours, measured in the same run.
 
     python -m benchmarks.run                       # every target
-    python -m benchmarks.run --quick               # fewer repeats and a 20 MB corpus
+    python -m benchmarks.run --quick               # fewer repeats, a 20 MB corpus, 2 queued exps
     python -m benchmarks.run --only training,generation
     python -m benchmarks.run --output bench.md     # also write the table to a file
 
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         "stage-cost": lambda: turnaround.stage_cost_rows(
             corpus, scratch, args.threads, max(2, args.repeats // 2)
         ),
+        # Quick: 2 queued experiments per batch (enough for `-j 2`) instead of 8.
         "turnaround": lambda: turnaround.turnaround_rows(
-            corpus, scratch, args.threads, max(1, args.repeats // 2)
+            corpus, scratch, args.threads, 2 if args.quick else turnaround.QUEUED_EXPERIMENTS
         ),
     }
     rows = []

@@ -30,7 +30,7 @@ from benchmarks.measure import (
 )
 
 # The throwaway repo copy that the end-to-end tests use, so both measure the same thing.
-from tests.conftest import make_repo_copy
+from testbed import make_repo_copy
 
 STAGES = ("download", "vocab", "train", "evaluate", "sample")
 # Stages that must never load torch: they only move bytes and characters.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import run
+from testbed import run
 
 MODEL_NAME = "bigram-shakespeare"
 POLL_S = 2

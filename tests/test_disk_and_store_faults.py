@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import (
+from testbed import (
     assert_one_line_error,
     files_in,
     mlflow_runs,

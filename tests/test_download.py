@@ -30,7 +30,7 @@ from pipeline.download import (
     seconds_from_env,
 )
 from pipeline.errors import PipelineError
-from tests.conftest import (
+from testbed import (
     CORPUS_SHA256,
     assert_one_line_error,
     files_in,

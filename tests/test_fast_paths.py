@@ -21,7 +21,7 @@ from pipeline.data import get_batch, to_device_tokens
 from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 from pipeline.training import eval_steps, train_minibatch, train_on_counts
-from tests.conftest import REPO_ROOT, write_committed_params
+from testbed import REPO_ROOT, write_committed_params
 
 VOCAB_SIZE = 65
 

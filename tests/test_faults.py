@@ -22,7 +22,7 @@ from pipeline.files import atomic_path, write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.store import shown_uri
 from pipeline.vocab import count_characters
-from tests.conftest import (
+from testbed import (
     VENV_BIN,
     assert_one_line_error,
     files_in,

@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.params import load_params
-from tests.conftest import REPO_ROOT, update_params, write_committed_params
+from testbed import REPO_ROOT, update_params, write_committed_params
 
 CHARS = list("\n !',.:;?ABCDEIJLMNORTUaehilmnorstuy")
 

@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
 from pipeline.params import MIN_TEMPERATURE, load_params
 from pipeline.textgen import TextGenerator
-from tests.conftest import (
+from testbed import (
     CORPUS_SHA256,
     REPO_ROOT,
     VENV_BIN,

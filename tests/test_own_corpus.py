@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipeline.heatmap import MAX_LABELLED
-from tests.conftest import (
+from testbed import (
     assert_one_line_error,
     commit_all,
     files_in,

@@ -12,7 +12,7 @@ from benchmarks.reference import lecture_train_params
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.training import check_block_size, resolve_device
-from tests.conftest import (
+from testbed import (
     assert_one_line_error,
     run,
     run_stage,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.conftest import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
+from testbed import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
 
 pytestmark = pytest.mark.e2e
 STAGES = ("download", "vocab", "train", "evaluate", "sample", "link")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import REPO_ROOT, copy_trained_repo, run, write_committed_params
+from testbed import REPO_ROOT, copy_trained_repo, run, write_committed_params
 from tests.experiments import (
     MODEL_NAME,
     check_experiments_in_store,

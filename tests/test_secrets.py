@@ -16,11 +16,12 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.secrets import masked, split_credentials
-from tests.conftest import (
+from testbed import (
     VENV_BIN,
     assert_one_line_error,
     free_port,
     mlflow_runs,
+    pipeline_env,
     run_stage,
     run_statuses,
 )
@@ -97,8 +98,6 @@ def auth_server(tmp_path_factory, corpus_url) -> Iterator[str]:
     }
     with open(workdir / "basic_auth.ini", "w") as handle:
         config.write(handle)
-    from tests.conftest import pipeline_env
-
     env = pipeline_env(
         corpus_url,
         MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"),

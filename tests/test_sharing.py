@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline.params import TrainParams
-from tests.conftest import commit_all, copy_trained_repo, run, update_params
+from testbed import commit_all, copy_trained_repo, run, update_params
 
 pytestmark = pytest.mark.e2e
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_trained_repo
+from testbed import copy_trained_repo
 
 # The third-party modules worth paying attention to: each costs from 0.05 s (tqdm) to seconds
 # (torch, mlflow, pandas, matplotlib.pyplot) to import. A name counts when that module itself

@@ -28,7 +28,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import store, tracking
-from tests.conftest import VENV_BIN, copy_trained_repo, free_port, run
+from testbed import VENV_BIN, copy_trained_repo, free_port, run
 from tests.experiments import (
     check_experiments_in_store,
     check_registry,

@@ -22,7 +22,7 @@ from ruamel.yaml import YAML
 
 from pipeline import paths, serving
 from pipeline.model import BigramLanguageModel, save_model
-from tests.conftest import (
+from testbed import (
     REPO_ROOT,
     commit_all,
     copy_trained_repo,

@@ -1,0 +1,231 @@
+"""Throwaway copies of this repository to run the pipeline in, and the small tools tests and
+benchmarks use on them.
+
+Tests (through tests/conftest.py's fixtures and directly) and benchmarks (benchmarks/stages.py,
+benchmarks/turnaround.py) share these helpers; neither imports the other. The module sits at the
+repository root, so that `python -m pytest` and `python -m benchmarks.run`, both run from there,
+import it as ``testbed``. It is not part of the installed package (pyproject.toml packages only
+``pipeline``).
+
+Nothing here reads the workspace's params.yaml, dvc.lock, data/ or mlflow.db, which the README's
+commands change: copies get params.yaml as committed at HEAD.
+
+- Paths and constants: REPO_ROOT, VENV_BIN, CORPUS_SHA256, FAST_TRAIN, NOT_COPIED.
+- Repo copies: write_committed_params, make_repo_copy, make_fast_repo_copy, copy_trained_repo,
+  update_params, commit_all.
+- Processes: pipeline_env, run, run_stage; serve_directory, free_port.
+- What a run left behind: assert_one_line_error, files_in, mlflow_runs, run_statuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from ruamel.yaml import YAML
+
+from pipeline.params import CORPUS_URL_ENV
+
+REPO_ROOT = Path(__file__).resolve().parent
+# Tiny Shakespeare's sha256, as params.yaml's data.sha256 has it.
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# The bin directory of the running interpreter's venv: dvc, mlflow and python for subprocesses.
+VENV_BIN = Path(sys.executable).parent
+# Few iterations keep the end-to-end runs short; the real defaults are checked elsewhere.
+FAST_TRAIN = {"max_iters": 300, "eval_interval": 100, "lr": 0.02}
+# Left out of copies of a trained repo: each copy gets its own MLflow store and DVC state.
+NOT_COPIED = {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlflow.db.lock", "mlartifacts", "tmp"}
+
+
+# Repo copies --------------------------------------------------------------------------------
+
+
+def write_committed_params(directory: Path) -> Path:
+    """Write params.yaml as committed at HEAD into directory; return its path.
+
+    Not the workspace's: `dvc exp run -S train.lr=3e-3` and `dvc exp apply` rewrite that one.
+    """
+    committed = subprocess.run(
+        ["git", "show", "HEAD:params.yaml"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    path = directory / "params.yaml"
+    path.write_text(committed)
+    return path
+
+
+def update_params(repo: Path, **sections: dict) -> None:
+    """Overwrite some params in repo/params.yaml, e.g. train={"max_iters": 300}."""
+    yaml = YAML()
+    path = repo / "params.yaml"
+    params = yaml.load(path)
+    for section, values in sections.items():
+        params[section].update(values)
+    yaml.dump(params, path)
+
+
+def make_repo_copy(destination: Path, env: dict[str, str]) -> Path:
+    """A fresh git repo holding the working tree's files (tracked and new, not ignored).
+
+    Copying the working tree rather than cloning HEAD tests uncommitted changes too; CI runs on
+    a fresh clone of main anyway. params.yaml is the committed one: experiments rewrite the
+    workspace's.
+    """
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file():
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    write_committed_params(destination)
+    # The lock file describes the developer's last run, not this copy's.
+    (destination / "dvc.lock").unlink(missing_ok=True)
+    run(["git", "init", "-q", "-b", "main"], destination, env)
+    commit_all(destination, env, "copy of the working tree")
+    return destination
+
+
+def commit_all(repo: Path, env: dict[str, str], message: str) -> None:
+    """Commit everything git does not ignore in repo (an empty commit if nothing changed)."""
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-q", "--allow-empty", "-m", message], repo, env)
+
+
+def make_fast_repo_copy(destination: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
+    """A repo copy with FAST_TRAIN and a short sample, committed; and its pipeline_env."""
+    env = pipeline_env(corpus_url)
+    repo = make_repo_copy(destination, env)
+    update_params(repo, train=FAST_TRAIN, sample={"num_chars": 200})
+    commit_all(repo, env, "fast params for tests")
+    return repo, env
+
+
+def copy_trained_repo(trained: Path, destination: Path) -> Path:
+    """The trained repo with its git history, DVC cache and outputs, but a new MLflow store."""
+    shutil.copytree(trained, destination, ignore=lambda _dir, names: NOT_COPIED & set(names))
+    return destination
+
+
+# Processes ----------------------------------------------------------------------------------
+
+
+def pipeline_env(corpus_url: str | None, **extra: str) -> dict[str, str]:
+    """Environment for `dvc` and stage subprocesses: this venv first, local corpus, no server.
+
+    corpus_url goes into $BIGRAM_CORPUS_URL; None leaves it unset, so stages fetch data.url.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_")) and k != CORPUS_URL_ENV
+    }
+    if corpus_url is not None:
+        env[CORPUS_URL_ENV] = corpus_url
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True, timeout: int = 600):
+    """Run a command, capturing its output as text; check: raise AssertionError, with the ends
+    of its stdout and stderr, when it exits non-zero."""
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n"
+            f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def run_stage(stage: str, repo: Path, env: dict[str, str], timeout: int = 120):
+    """Run one stage as DVC would (`python -m pipeline.<stage>` in the repo), not checked."""
+    return run([sys.executable, "-m", f"pipeline.{stage}"], repo, env, check=False, timeout=timeout)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files without logging each request to stderr."""
+
+    def log_message(self, format, *args):
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """Serve a directory over HTTP on 127.0.0.1 (a free port); yield the base URL."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# What a run left behind ---------------------------------------------------------------------
+
+
+def assert_one_line_error(result, *mentions: str) -> str:
+    """A failed stage: non-zero exit, stderr exactly one `error: ...` line naming every mention."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for mention in mentions:
+        assert mention in lines[0], (mention, lines[0])
+    return lines[0]
+
+
+def files_in(directory: Path) -> list[str]:
+    """The names in a directory, temporary files included; [] when it does not exist."""
+    return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+
+
+def mlflow_runs(repo: Path) -> list:
+    """Every run in the repo's MLflow store, oldest first."""
+    from mlflow import MlflowClient  # A second to import: only for the callers that need it.
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment_ids = [experiment.experiment_id for experiment in client.search_experiments()]
+    return client.search_runs(experiment_ids, order_by=["attributes.start_time ASC"])
+
+
+def run_statuses(repo: Path) -> dict[str, str]:
+    """{run id: status}: a failed or killed stage must leave none RUNNING."""
+    return {found.info.run_id: found.info.status for found in mlflow_runs(repo)}
