@@ -92,18 +92,22 @@ from pipeline import serving, tracking
 from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.params import load_params
+from pipeline.textgen import write_sampling_defaults
 
 work, worker = Path(sys.argv[1]), sys.argv[2]
 params = load_params(work / "params.yaml")
 weights, vocab = work / f"model-{worker}.pt", work / f"vocab-{worker}.json"
 torch.save(BigramLanguageModel(3).state_dict(), weights)
 write_json(vocab, {"chars": ["a", "b", "c"]})
+(work / f"defaults-{worker}").mkdir()
+defaults = write_sampling_defaults(params.sample, work / f"defaults-{worker}")
 (work / f"ready-{worker}").touch()
 while not (work / "go").exists():
     time.sleep(0.01)
 with tracking.stage_run("train", params, run_name=f"worker-{worker}") as active:
     mlflow.log_metric("worker", int(worker))
-    info = serving.log_text_generator(weights, vocab, params)
+    code = [str(Path(serving.__file__).parent)]
+    info = serving.log_text_generator(weights, vocab, defaults, 0, code)
     serving.register_version(info.model_uri, params, active.info.run_id, {"val_loss": 1.0})
 # Later stages reopen the store in a process that has used it, as evaluate does.
 for step in range(3):
