@@ -327,6 +327,8 @@ def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeyp
         # A stuck request fails the test in minutes instead of MLflow's long retries.
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        # As a stage does: MLflow keeps the URI of the last use_store in this process otherwise.
+        assert store.use_store() == url
         client = MlflowClient(tracking_uri=url)
         experiment_id = client.create_experiment("datasets")
         source = HTTPDatasetSource("http://127.0.0.1/corpus.txt")
