@@ -15,3 +15,13 @@ from any trained model. No stage imports another; they share:
 - ``cli`` (how a stage runs: one-line failures, signals, no arguments), ``errors`` (the
   exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords).
 """
+
+import gc
+import sys
+
+# `python -m pipeline.<stage>` (sys.argv[0] is "-m" while Python finds the module): a stage is a
+# short process that loads MLflow and torch, about 1,800 modules. The garbage collector's passes
+# over their objects while they load free nothing; pipeline.cli.stage_entry_point turns it back
+# on, for new objects only, once the stage's imports are done.
+if sys.argv[:1] == ["-m"]:
+    gc.disable()

@@ -442,3 +442,19 @@ def test_a_stage_imports_only_what_it_uses(run: Run, stage_runs, brought):
     if forbidden:
         problems.append(f"loads pipeline modules it must not: {', '.join(sorted(forbidden))}")
     assert not problems, f"`{command}` ({run.name}) " + "\n  ".join(["", *problems])
+
+
+def test_every_runnable_module_runs_through_the_stage_entry_point():
+    """pipeline/__init__.py turns the garbage collector off in a `python -m pipeline.<module>`
+    process until cli.stage_entry_point turns it back on: a module run another way would run
+    with it off."""
+    package = Path(__file__).resolve().parent.parent / "pipeline"
+    runnable = {
+        path.stem: path.read_text(encoding="utf-8")
+        for path in package.glob("*.py")
+        if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")
+    }
+    assert set(runnable) == set(STAGES)
+    for name, source in runnable.items():
+        main_block = source.split('if __name__ == "__main__":', 1)[1]
+        assert "stage_entry_point(main" in main_block, name
