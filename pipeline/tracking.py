@@ -281,15 +281,27 @@ def log_training_inputs(
 
 
 def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | None = None) -> None:
-    """Log one point of the loss curve, each loss linked to its split (and to a logged model)."""
-    for split in ("train", "val"):
-        mlflow.log_metric(
+    """Log one point of the loss curve into the active run, each loss linked to its split (and
+    to a logged model).
+
+    One write for both losses: mlflow.log_metric would make several store round trips per
+    metric (~9 ms each on SQLite), which at 100 eval points cost more than the training steps.
+    The splits are linked to the run already (log_training_inputs).
+    """
+    now = int(time.time() * 1000)
+    losses = [
+        Metric(
             f"{split}_loss",
             point[f"{split}_loss"],
-            step=point["step"],
-            dataset=datasets[split],
+            now,
+            point["step"],
             model_id=model_id,
+            dataset_name=datasets[split].name,
+            dataset_digest=datasets[split].digest,
         )
+        for split in ("train", "val")
+    ]
+    MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=losses, synchronous=True)
 
 
 def log_datasets(run_id: str, datasets_by_context: dict[str, Any]) -> None:
