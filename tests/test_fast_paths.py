@@ -51,6 +51,25 @@ def test_batch_loss_and_its_gradient_equal_forward():
     torch.testing.assert_close(fast_grad, forward_grad)
 
 
+def test_closed_form_gradient_equals_autograd():
+    """The CPU step's gradient (batch_loss_gradient) is autograd's, for a batch with repeated
+    pairs and characters that never occur, and at a table far from its initial values."""
+    torch.manual_seed(0)
+    model = BigramLanguageModel(VOCAB_SIZE)
+    with torch.no_grad():
+        model.token_embedding_table.weight.mul_(5)
+    tokens = random_tokens(5000, vocab_size=20).long()  # Rows 20..64 get no pair at all.
+    for batch_size, block_size in ((32, 8), (1, 1), (4, 64)):
+        inputs, targets = get_batch(tokens, batch_size=batch_size, block_size=block_size)
+        _, loss = model(inputs, targets)
+        (expected,) = torch.autograd.grad(loss, model.token_embedding_table.weight)
+        closed_form = model.batch_loss_gradient(inputs, targets)
+        torch.testing.assert_close(closed_form, expected, rtol=1e-5, atol=1e-7)
+        # A character that is never the current one gets no gradient; one that is, does.
+        assert closed_form[20:].abs().max() == 0
+        assert closed_form[inputs.unique()].abs().sum(dim=1).min() > 0
+
+
 def test_train_minibatch_follows_the_lecture_loop():
     """The lecture's loop (benchmarks/reference.py), fed the same random stream, ends with the
     same table: the gather, the one log-softmax and fused AdamW change speed, not the math."""
