@@ -55,11 +55,13 @@ class BigramLanguageModel(nn.Module):
         float rounding, in a handful of ops instead of a forward and a backward pass.
         """
         weights = self.token_embedding_table.weight
+        row_counts = torch.bincount(inputs.view(-1), minlength=self.vocab_size)
+        gradient = F.softmax(weights, dim=-1).mul_(row_counts.to(weights.dtype).unsqueeze(1))
+        # -1 at each of the batch's pairs, added up where a pair repeats: the -n_ij.
         pair_ids = (inputs * self.vocab_size + targets).view(-1)
-        pair_counts = torch.bincount(pair_ids, minlength=self.vocab_size**2)
-        pair_counts = pair_counts.view(self.vocab_size, self.vocab_size).to(weights.dtype)
-        row_counts = pair_counts.sum(dim=1, keepdim=True)
-        return (F.softmax(weights, dim=-1) * row_counts - pair_counts).div_(pair_ids.numel())
+        minus_ones = torch.tensor(-1.0, dtype=weights.dtype, device=weights.device)
+        gradient.view(-1).index_put_((pair_ids,), minus_ones.expand(len(pair_ids)), accumulate=True)
+        return gradient.div_(len(pair_ids))
 
     def next_token_probs(self, temperature: float = 1.0) -> torch.Tensor:
         """The (V, V) table P[current, next]: softmax of each row of logits."""
