@@ -284,9 +284,9 @@ def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | No
     """Log one point of the loss curve into the active run, each loss linked to its split (and
     to a logged model).
 
-    One write for both losses: mlflow.log_metric would make several store round trips per
-    metric (~9 ms each on SQLite), which at 100 eval points cost more than the training steps.
-    The splits are linked to the run already (log_training_inputs).
+    One write for both losses: mlflow.log_metric makes several store round trips per metric
+    (~9 ms a metric on SQLite, 1.8 s for the 101 eval points of 30,000 steps). The splits are
+    linked to the run already (log_training_inputs).
     """
     now = int(time.time() * 1000)
     losses = [
