@@ -49,10 +49,9 @@ SINGLE_EXPERIMENT_LR = "2e-2"
 # against a bare interpreter.
 COST_STAGES = (*STAGES, "link")
 # The floor of each stage: what it cannot avoid importing and opening before its own work,
-# started the way a stage starts: the garbage collector off while the libraries load, their
-# objects then frozen out of later collections, and again at exit (pipeline/__init__.py,
-# pipeline.cli). A bare interpreter pays those collections too: its MLflow floor is shown beside.
-AS_A_STAGE = "import gc; gc.disable(); {}; gc.freeze()"
+# started the way a stage starts: the garbage collector off while the libraries load, then on
+# (pipeline/__init__.py, pipeline.cli). A bare interpreter's MLflow floor is shown beside.
+AS_A_STAGE = "import gc; gc.disable(); {}; gc.enable()"
 OPTIMIZER = "import torch; torch.optim.AdamW([torch.zeros(1, requires_grad=True)])"
 FLOOR_CODE = {
     "interpreter": "pass",

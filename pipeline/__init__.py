@@ -22,6 +22,6 @@ import sys
 # `python -m pipeline.<stage>` (sys.argv[0] is "-m" while Python finds the module): a stage is a
 # short process that loads MLflow and torch, about 1,800 modules. The garbage collector's passes
 # over their objects while they load free nothing; pipeline.cli.stage_entry_point turns it back
-# on, for new objects only, once the stage's imports are done.
+# on once the stage's imports are done.
 if sys.argv[:1] == ["-m"]:
     gc.disable()

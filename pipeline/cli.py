@@ -63,18 +63,6 @@ def reject_arguments(prog: str, description: str) -> None:
     parser.parse_args()
 
 
-def collect_only_new_objects() -> None:
-    """Leave the modules loaded so far out of every later garbage collection.
-
-    MLflow and torch bring about a million objects that live as long as the process; the
-    collector's passes over them, while the stage runs and again as the interpreter exits, cost
-    a stage up to a third of its wall time (benchmarks/README.md). pipeline/__init__.py turned
-    the collector off while they loaded.
-    """
-    gc.freeze()
-    gc.enable()
-
-
 def stage_entry_point(
     main: Callable[[], None], description: str | None = None
 ) -> Callable[[], None]:
@@ -90,7 +78,8 @@ def stage_entry_point(
             module = sys.modules[main.__module__]
             spec = getattr(module, "__spec__", None)
             reject_arguments(f"python -m {spec.name if spec else main.__module__}", description)
-        collect_only_new_objects()
+        # pipeline/__init__.py turned the garbage collector off while the stage's modules loaded.
+        gc.enable()
         for signum in STOP_SIGNALS:
             signal.signal(signum, _raise_interrupted)
         try:
@@ -107,8 +96,5 @@ def stage_entry_point(
             if full is not None:
                 fail(disk_full_message(full))
             fail_with_traceback()
-        finally:
-            # Nothing the stage made needs collecting as the process ends.
-            gc.freeze()
 
     return wrapper
