@@ -26,6 +26,7 @@ TARGETS = (
     "scale",
     "stage-cost",
     "turnaround",
+    "kernels",
 )
 
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from benchmarks import compute, stages, turnaround
+    from benchmarks import compute, kernels, stages, turnaround
     from benchmarks.measure import format_table, machine_summary
     from benchmarks.workload import find_corpus, load_workload
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         "turnaround": lambda: turnaround.turnaround_rows(
             corpus, scratch, args.threads, 2 if args.quick else turnaround.QUEUED_EXPERIMENTS
         ),
+        "kernels": lambda: kernels.kernel_rows(corpus, max(1, args.repeats // 2)),
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bigram-bench-") as scratch_name:

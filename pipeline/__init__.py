@@ -13,11 +13,17 @@ from any trained model. No stage imports another; they share:
   text out, sampling defaults), ``runrecord`` (data/train/run.json), ``reproducibility`` (a
   run's rebuild record);
 - ``cli`` (how a stage runs: one-line failures, signals, no arguments), ``errors`` (the
-  exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords).
+  exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords), ``determinism`` (the
+  CPU kernel level and thread counts, pinned before torch loads).
 """
 
 import gc
 import sys
+
+from pipeline.determinism import pin_environment
+
+# First, before any stage imports torch: torch reads the pins when it loads its kernels.
+pin_environment()
 
 # `python -m pipeline.<stage>` (sys.argv[0] is "-m" while Python finds the module): a stage is a
 # short process that loads MLflow and torch, about 1,800 modules. The garbage collector's passes

@@ -1,14 +1,27 @@
 """How a stage or command runs from the command line: expected failures become one clear line
 on stderr and a non-zero exit, no traceback; SIGTERM and SIGHUP stop it as Ctrl-C does; a stage
-takes no arguments."""
+takes no arguments and ends with the process that runs it.
+
+A stop signal is one line and exit 130 at every moment of a stage's life:
+
+- while its modules load (``stop_cleanly_while_loading``, called by pipeline/__init__.py for
+  `python -m pipeline.<stage>`): nothing has been written yet, so the stage exits at once;
+- while main() runs: it unwinds, so that the MLflow run ends KILLED and outputs are removed;
+- once main() has returned: the work is done and its outputs complete, so the signal is
+  ignored and the stage exits 0. The interpreter's shutdown (torch's and MLflow's teardown)
+  runs after Python has put back the default handlers, which would end it -15 without a word.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import gc
+import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -20,6 +33,19 @@ EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 # Signals that stop a stage cleanly, as Ctrl-C does: `kill`, and the terminal closing.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# Ctrl-C too: every signal that stops a stage.
+INTERRUPT_SIGNALS = (signal.SIGINT, *STOP_SIGNALS)
+# Signals this process was started with ignored (`nohup` ignores SIGHUP, a background job of a
+# script SIGINT): they stay ignored, as the user asked.
+IGNORED_AT_START = frozenset(
+    signum for signum in INTERRUPT_SIGNALS if signal.getsignal(signum) == signal.SIG_IGN
+)
+# The process that started this one, as it was when this module loaded.
+PARENT_AT_START = os.getppid()
+# prctl(2): ask the kernel for a signal when the parent process ends (Linux).
+PR_SET_PDEATHSIG = 1
+# How often a stage run through DVC's shell checks that DVC still runs (see watch_pipeline).
+PIPELINE_CHECK_INTERVAL_S = 0.5
 
 
 def disk_full_message(error: OSError) -> str:
@@ -43,8 +69,113 @@ def fail_with_traceback() -> NoReturn:
     sys.exit(EXIT_ERROR)
 
 
+def stop_reason(signum: int) -> str:
+    if signum == signal.SIGINT:
+        return "stopped by Ctrl-C (SIGINT)"
+    return f"stopped by signal {signal.Signals(signum).name}"
+
+
 def _raise_interrupted(signum, frame):
-    raise StageInterrupted(f"stopped by signal {signal.Signals(signum).name}")
+    raise StageInterrupted(stop_reason(signum))
+
+
+def _exit_while_loading(signum, frame):
+    # os._exit: an exception raised inside some module's import would print that import's
+    # traceback, or be swallowed by a library's `except BaseException`.
+    print(
+        f"error: {stop_reason(signum)} while the stage was starting; nothing was written, "
+        "rerun the stage",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _handle_interrupt_signals(handler) -> None:
+    for signum in INTERRUPT_SIGNALS:
+        if signum not in IGNORED_AT_START:
+            signal.signal(signum, handler)
+
+
+def stop_cleanly_while_loading() -> None:
+    """Until stage_entry_point runs main(), a stop signal is one line and exit 130.
+
+    Without it, Ctrl-C while a stage imports MLflow and torch (seconds) prints the import's
+    KeyboardInterrupt traceback, and SIGTERM ends it -15 without a word.
+    """
+    _handle_interrupt_signals(_exit_while_loading)
+    end_with_parent()
+
+
+def end_with_parent() -> None:
+    """Stop this process (as SIGTERM does) when the process that runs it ends.
+
+    `kill <dvc pid>` ends DVC alone: its stage would go on as an orphan and later write
+    model.pt and run.json into a workspace that a newer `dvc repro` owns. The kernel signals us
+    when the parent ends (Linux's PR_SET_PDEATHSIG); a parent that ended before we asked shows
+    as a changed parent process id. DVC runs a stage's command through `$SHELL -c`, and a shell
+    that does not replace itself by the command (dash, /bin/sh on Debian) stays our parent when
+    DVC dies: then DVC, the shell's parent, is watched too.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != PARENT_AT_START:
+        signal.raise_signal(signal.SIGTERM)
+        return
+    if os.environ.get("DVC_STAGE") and _is_dvcs_shell(PARENT_AT_START):
+        watch_pipeline(PARENT_AT_START)
+
+
+def _is_dvcs_shell(pid: int) -> bool:
+    """Whether pid runs the shell DVC runs stage commands with ($SHELL, else /bin/sh)."""
+    import shutil
+
+    shell = shutil.which(os.environ.get("SHELL") or "/bin/sh")
+    try:
+        return shell is not None and os.path.samefile(f"/proc/{pid}/exe", shell)
+    except OSError:
+        return False
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent process id of pid (from /proc), or None once pid has gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            return int(stat.read().rpartition(b")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+_watched: set[int] = set()
+
+
+def watch_pipeline(shell_pid: int) -> None:
+    """SIGTERM this process once the shell between DVC and it loses its parent (DVC ended)."""
+    pipeline_pid = _parent_of(shell_pid)
+    if pipeline_pid is None or shell_pid in _watched:
+        return
+    _watched.add(shell_pid)
+
+    def watch() -> None:
+        while _parent_of(shell_pid) == pipeline_pid:
+            time.sleep(PIPELINE_CHECK_INTERVAL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-pipeline", daemon=True).start()
+
+
+def _ignore_interrupt_signals() -> None:
+    """The stage's work is done: a stop signal now has nothing left to stop.
+
+    SIG_IGN holds through the interpreter's shutdown, where Python handlers no longer run.
+    """
+    for signum in INTERRUPT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def reject_arguments(prog: str, description: str) -> None:
@@ -80,14 +211,17 @@ def stage_entry_point(
             reject_arguments(f"python -m {spec.name if spec else main.__module__}", description)
         # pipeline/__init__.py turned the garbage collector off while the stage's modules loaded.
         gc.enable()
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, _raise_interrupted)
+        # From here on a stop unwinds main(): its MLflow run ends KILLED, its outputs go.
+        _handle_interrupt_signals(_raise_interrupted)
+        if signal.SIGINT not in IGNORED_AT_START:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            end_with_parent()
             main()
         except PipelineError as error:
             fail(str(error))
         except (KeyboardInterrupt, StageInterrupted) as interruption:
-            how = str(interruption) or "stopped by Ctrl-C (SIGINT)"
+            how = str(interruption) or stop_reason(signal.SIGINT)
             print(f"error: {how}; no partial output was left, rerun the stage", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as error:
@@ -96,5 +230,6 @@ def stage_entry_point(
             if full is not None:
                 fail(disk_full_message(full))
             fail_with_traceback()
+        _ignore_interrupt_signals()
 
     return wrapper

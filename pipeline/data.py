@@ -50,6 +50,59 @@ def load_tokens(path: Path) -> np.ndarray:
     return tokens
 
 
+# Tokens per bincount when a token file is checked against its vocabulary: bincount widens them
+# to int64, 32 MB at most whatever the corpus size.
+CHECK_CHUNK_TOKENS = 1 << 22
+
+
+def load_encoded_corpus(
+    vocab_path: Path, token_paths: tuple[Path, ...], max_vocab_size: int | None = None
+) -> tuple[list[str], list[np.ndarray]]:
+    """The vocabulary and the token files of the vocab stage, checked against each other.
+
+    The vocab stage lists exactly the corpus's characters and encodes the corpus with them, so
+    its token files use every id in [0, V) and no other. A vocab.json edited by hand or token
+    files of another run would otherwise fail deep in torch (an index or shape error, or an
+    allocator's for a vocabulary far too large) or silently train on the wrong characters. With
+    max_vocab_size (data.max_vocab_size), a larger vocabulary is refused before any V x V table
+    is allocated.
+    """
+    chars = load_vocab(vocab_path)
+    if max_vocab_size is not None and len(chars) > max_vocab_size:
+        raise PipelineError(
+            f"{vocab_path} lists {len(chars):,} characters, above data.max_vocab_size = "
+            f"{max_vocab_size:,}: rerun `dvc repro --force vocab`, which rebuilds it from the "
+            "corpus and checks that bound, or raise data.max_vocab_size in params.yaml"
+        )
+    splits = [load_tokens(path) for path in token_paths]
+    used = np.zeros(len(chars), dtype=bool)
+    for path, tokens in zip(token_paths, splits, strict=True):
+        used |= token_ids_used(path, tokens, vocab_path, len(chars))
+    if not used.all():
+        raise PipelineError(
+            f"{vocab_path} lists {len(chars):,} characters but the token files use only "
+            f"{int(used.sum()):,} of them (the vocab stage lists exactly the corpus's): it was "
+            "edited or comes from another run; rerun `dvc repro --force vocab`"
+        )
+    return chars, splits
+
+
+def token_ids_used(path: Path, tokens: np.ndarray, vocab_path: Path, vocab_size: int) -> np.ndarray:
+    """Which of the vocabulary's ids occur in a token file; an id outside it is an error."""
+    used = np.zeros(vocab_size, dtype=bool)
+    for start in range(0, len(tokens), CHECK_CHUNK_TOKENS):
+        chunk = tokens[start : start + CHECK_CHUNK_TOKENS]
+        largest = int(chunk.max())
+        if largest >= vocab_size:
+            raise PipelineError(
+                f"{path} holds token id {largest:,} but {vocab_path} lists only {vocab_size:,} "
+                "characters: they do not come from the same run of the vocab stage; rerun "
+                "`dvc repro --force vocab`"
+            )
+        used |= np.bincount(chunk, minlength=vocab_size) > 0
+    return used
+
+
 def to_device_tokens(tokens: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """The tokens as a tensor on device, kept narrow: uint8 for up to 256 characters.
 

@@ -1,26 +1,37 @@
 """Stage 1, download: fetch the corpus, verify its sha256, write it atomically.
 
 The source is params.yaml's ``data.url``, or ``$BIGRAM_CORPUS_URL`` (an http(s) URL, a file://
-URL or a local path) on offline machines and mirrors; the checksum applies either way. The
-corpus is streamed to a temporary file beside the output and renamed into place only once
-verified, so the output path never holds a partial or unverified file. An unreachable source
-is retried 3 times with doubling pauses; ``$BIGRAM_DOWNLOAD_TIMEOUT_S`` (default 30) and
-``$BIGRAM_DOWNLOAD_BACKOFF_S`` (the first pause, default 1) tune that for slow or flaky links.
-A source larger than ``$BIGRAM_DOWNLOAD_MAX_BYTES`` (default 1 GiB) is refused, so that one that
-never ends (``/dev/zero``, a misbehaving server) cannot fill the disk. A user and password in an
-http(s) URL are sent as basic auth and shown and stored as ``user:***``.
+URL or a local path) on offline machines and mirrors, which overrides data.url; the checksum
+applies either way. The corpus is streamed to a temporary file beside the output and renamed into
+place only once verified, so the output path never holds a partial or unverified file. An
+unreachable source is retried 3 times with doubling pauses. Every wait is bounded, each by an
+environment knob with a checked range: ``$BIGRAM_DOWNLOAD_TIMEOUT_S`` (one connect or read,
+default 30, at most 3600), ``$BIGRAM_DOWNLOAD_BACKOFF_S`` (the first pause, default 1, at most
+60) and ``$BIGRAM_DOWNLOAD_DEADLINE_S`` (the whole download, every attempt included, default 600,
+at most 86400), so a source that drips a byte a second cannot hold the stage. A source larger
+than ``$BIGRAM_DOWNLOAD_MAX_BYTES`` (default 1 GiB, at most 1 TiB) is refused, so that a
+misbehaving server that never ends cannot fill the disk. A local source must be a regular file:
+a FIFO, a device or a socket is refused before it is opened. A user and password in an http(s)
+URL are sent as basic auth, only to that URL's origin, and shown and stored as ``user:***``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import http.client
 import math
 import os
+import signal
+import stat
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -32,24 +43,36 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.params import CORPUS_URL_ENV, DataParams, load_params
 from pipeline.paths import CORPUS_PATH, DOWNLOAD_INFO_PATH
-from pipeline.secrets import basic_auth_header, masked, split_credentials
+from pipeline.secrets import basic_auth_header, masked, open_url, split_credentials
 
 CHUNK_BYTES = 1 << 20
 # Network knobs, from the environment because they do not change the corpus (DVC ignores them):
-# seconds to wait for the server, and the first pause before a retry (then doubled each time).
+# seconds to wait for one connect or read, the first pause before a retry (then doubled each
+# time), seconds for the whole download, and the largest corpus taken. Each has an upper bound,
+# so that a typo (1e308, a billion) is an error, not a wait without end or an OverflowError.
 TIMEOUT_ENV = "BIGRAM_DOWNLOAD_TIMEOUT_S"
 BACKOFF_ENV = "BIGRAM_DOWNLOAD_BACKOFF_S"
+DEADLINE_ENV = "BIGRAM_DOWNLOAD_DEADLINE_S"
 MAX_BYTES_ENV = "BIGRAM_DOWNLOAD_MAX_BYTES"
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_BACKOFF_S = 1.0
+DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S = 30.0, 3600.0
+DEFAULT_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0
+# Enough for the default size cap, 1 GiB, at 1.8 MB/s; Tiny Shakespeare needs a second.
+DEFAULT_DEADLINE_S, MAX_DEADLINE_S = 600.0, 86400.0
 # Tiny Shakespeare is 1.1 MB; a corpus a thousand times larger still fits.
-DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_MAX_BYTES, MAX_MAX_BYTES = 1 << 30, 1 << 40
 RETRIES = 3
-# A local source (path or file:// URL) that is missing or unreadable: retrying will not help.
-LOCAL_FILE_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+# Names of the kinds of files that are not a corpus, by the stat.S_IS* test that finds them.
+NOT_REGULAR_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+CHECK_SOURCE = f"check data.url in params.yaml or {CORPUS_URL_ENV}"
 
 
-def seconds_from_env(name: str, default: float) -> float:
+def seconds_from_env(name: str, default: float, maximum: float) -> float:
     text = os.environ.get(name)
     if not text:
         return default
@@ -57,37 +80,139 @@ def seconds_from_env(name: str, default: float) -> float:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise PipelineError(f"{name} must be a number of seconds > 0, got {text!r}")
+    if not (math.isfinite(seconds) and 0 < seconds <= maximum):
+        raise PipelineError(
+            f"{name} must be a number of seconds > 0 and <= {maximum:g}, got {text!r}"
+        )
     return seconds
 
 
-def bytes_from_env(name: str, default: int) -> int:
+def bytes_from_env(name: str, default: int, maximum: int = MAX_MAX_BYTES) -> int:
     text = os.environ.get(name)
     if not text:
         return default
-    if not (text.isascii() and text.isdigit() and int(text) > 0):
-        raise PipelineError(f"{name} must be a whole number of bytes > 0, got {text!r}")
-    return int(text)
+    try:
+        # isdigit: no sign, space or "_"; int() refuses more than 4300 digits with ValueError.
+        count = int(text) if text.isascii() and text.isdigit() else 0
+    except ValueError:
+        count = 0
+    if not 0 < count <= maximum:
+        raise PipelineError(
+            f"{name} must be a whole number of bytes > 0 and <= {maximum:,}, got {text!r}"
+        )
+    return count
 
 
 def retry_delays(backoff_s: float) -> tuple[float, ...]:
     return tuple(backoff_s * 2**attempt for attempt in range(RETRIES))
 
 
+class DeadlinePassed(Exception):
+    """The whole download took longer than its deadline (raised from the SIGALRM handler)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise DeadlinePassed in the block once seconds have passed, even inside a blocking call.
+
+    A socket's time-out bounds one read, so a server that sends a byte just before each one
+    expires would hold the transfer for ever; a real-time timer bounds all of it: connecting,
+    headers, every byte, and the pauses between retries. Signals reach only the main thread; in
+    another one, the block runs without this bound (read_chunk still checks between reads).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DeadlinePassed
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def local_path(source: str) -> str | None:
+    """The file a local source names (a path or a file:// URL); None for a network URL."""
+    parts = urllib.parse.urlsplit(source)
+    if parts.scheme in ("http", "https"):
+        return None
+    if parts.scheme != "file":
+        return source
+    if parts.netloc not in ("", "localhost"):
+        raise PipelineError(
+            f"corpus source {masked(source)} names a file on host {parts.netloc!r}: a file:// "
+            f"URL must be local (file:///path/to/file); {CHECK_SOURCE}"
+        )
+    return urllib.request.url2pathname(parts.path)
+
+
+def refuse_unless_regular(mode: int, shown_source: str) -> None:
+    """Only a regular file is a corpus: a FIFO blocks its reader (open() itself waits for a
+    writer), a device may never end (/dev/zero) or never answer."""
+    for is_kind, kind in NOT_REGULAR_FILES:
+        if is_kind(mode):
+            raise PipelineError(
+                f"corpus source {shown_source} is {kind}, not a regular file; {CHECK_SOURCE}"
+            )
+
+
+def local_error(error: OSError, shown_source: str) -> PipelineError:
+    """A local source that cannot be opened: retrying will not help, nor will the network."""
+    if error.errno == errno.ELOOP:
+        return PipelineError(
+            f"corpus source {shown_source} is a symlink loop (its links lead back to "
+            f"themselves); fix the link, or {CHECK_SOURCE}"
+        )
+    return PipelineError(
+        f"corpus source {shown_source} cannot be read ({error.strerror}); {CHECK_SOURCE}"
+    )
+
+
+def open_local_file(path: str, shown_source: str) -> BinaryIO:
+    """Open a regular file for reading; anything else is refused before it is opened."""
+    try:
+        refuse_unless_regular(os.stat(path).st_mode, shown_source)
+        # O_NONBLOCK: a FIFO swapped in after the stat must not block this open either.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise local_error(error, shown_source) from None
+    try:
+        refuse_unless_regular(os.fstat(fd).st_mode, shown_source)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_source(source: str, timeout_s: float) -> BinaryIO:
     """Open an http(s) URL, a file:// URL or a local path for streaming reads."""
-    scheme = urllib.parse.urlparse(source).scheme
-    if scheme in ("http", "https"):
-        # urllib would take user:password@host for a host name.
-        url, user, password = split_credentials(source)
-        headers = basic_auth_header(user, password) if user is not None else {}
-        return urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=timeout_s
+    path = local_path(source)
+    if path is not None:
+        return open_local_file(path, masked(source))
+    # urllib would take user:password@host for a host name.
+    url, user, password = split_credentials(source)
+    headers = basic_auth_header(user, password) if user is not None else {}
+    return open_url(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+
+
+def http_error(error: urllib.error.HTTPError, shown_source: str) -> PipelineError:
+    if str(error.reason).startswith(urllib.request.HTTPRedirectHandler.inf_msg):
+        # urllib's own text is three lines; the loop is the whole story.
+        return PipelineError(
+            f"corpus source {shown_source} redirects in a loop (HTTP {error.code}, given up at "
+            f"{masked(error.url)}); {CHECK_SOURCE}"
         )
-    if scheme == "file":
-        return urllib.request.urlopen(source, timeout=timeout_s)
-    return open(source, "rb")
+    reason = " ".join(str(error.reason).split())
+    return PipelineError(
+        f"corpus download from {shown_source} failed with HTTP {error.code} {reason}; "
+        f"{CHECK_SOURCE}"
+    )
 
 
 def open_with_retries(source: str, timeout_s: float, retry_delays_s: tuple[float, ...]) -> BinaryIO:
@@ -99,17 +224,9 @@ def open_with_retries(source: str, timeout_s: float, retry_delays_s: tuple[float
             return open_source(source, timeout_s)
         except urllib.error.HTTPError as error:
             if not (error.code >= 500 or error.code == 429) or last_attempt:
-                raise PipelineError(
-                    f"corpus download from {shown} failed with HTTP {error.code} {error.reason}; "
-                    f"check data.url in params.yaml or {CORPUS_URL_ENV}"
-                ) from None
+                raise http_error(error, shown) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
             reason = getattr(error, "reason", error)
-            if isinstance(reason, LOCAL_FILE_ERRORS):
-                raise PipelineError(
-                    f"corpus source {shown} cannot be read ({reason.strerror}); "
-                    f"check data.url in params.yaml or {CORPUS_URL_ENV}"
-                ) from None
             if last_attempt:
                 raise PipelineError(
                     f"corpus source {shown} is unreachable after {attempt + 1} attempts "
@@ -127,51 +244,79 @@ def download_verified(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     retry_delays_s: tuple[float, ...] = retry_delays(DEFAULT_BACKOFF_S),
     max_bytes: int = DEFAULT_MAX_BYTES,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    mismatch_hint: str = "",
 ) -> int:
-    """Stream source to output, checking the sha256; return the size in bytes."""
+    """Stream source to output, checking the sha256; return the size in bytes.
+
+    mismatch_hint ends the message of a checksum mismatch (what to do about it).
+    """
     shown = masked(source)
-    too_large = (
-        f"corpus source {shown} is larger than {MAX_BYTES_ENV} = {max_bytes:,} bytes; check "
-        f"data.url in params.yaml or {CORPUS_URL_ENV}, or raise {MAX_BYTES_ENV}"
-    )
-    digest = hashlib.sha256()
-    size = 0
+    transfer = Transfer(shown, max_bytes, time.monotonic() + deadline_s)
     with atomic_path(output) as tmp_path:
-        with open_with_retries(source, timeout_s, retry_delays_s) as response:
-            announced = getattr(response, "headers", {}).get("Content-Length")
-            if announced is not None and announced.isdigit() and int(announced) > max_bytes:
-                raise PipelineError(too_large)
-            with open(tmp_path, "wb") as out:
-                while chunk := read_chunk(response, shown, size):
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise PipelineError(too_large)
-                    digest.update(chunk)
-                    # Outside read_chunk's handler: a full disk is not a broken transfer.
-                    out.write(chunk)
-        if announced is not None and announced.isdigit() and size < int(announced):
+        try:
+            with deadline(deadline_s):
+                transfer.run(source, tmp_path, timeout_s, retry_delays_s)
+        except DeadlinePassed:
             raise PipelineError(
-                f"corpus download from {shown} broke off after {size:,} of {int(announced):,} "
-                "bytes (the server closed the connection); rerun `dvc repro download`"
-            )
-        actual = digest.hexdigest()
+                f"corpus download from {shown} did not finish within {DEADLINE_ENV} = "
+                f"{deadline_s:g} s ({transfer.size:,} bytes had arrived); check the source, or "
+                f"raise {DEADLINE_ENV} for a slow link"
+            ) from None
+        actual = transfer.digest.hexdigest()
         if actual != expected_sha256.lower():
             raise PipelineError(
                 f"corpus from {shown} has sha256 {actual}, expected {expected_sha256} "
-                f"(data.sha256); nothing was written to {output}"
+                f"(data.sha256); nothing was written to {output}{mismatch_hint}"
             )
-    return size
+    return transfer.size
 
 
-def read_chunk(response: BinaryIO, shown_source: str, size: int) -> bytes:
-    """The next bytes that have arrived (read1: a stalled transfer shows its progress)."""
-    try:
-        return response.read1(CHUNK_BYTES)
-    except (OSError, http.client.HTTPException) as error:
-        raise PipelineError(
-            f"corpus download from {shown_source} broke off after {size:,} bytes "
-            f"({error or type(error).__name__}); rerun `dvc repro download`"
-        ) from None
+class Transfer:
+    """One download's progress: bytes so far and their digest, checked against its limits."""
+
+    def __init__(self, shown_source: str, max_bytes: int, deadline_at: float):
+        self.shown, self.max_bytes, self.deadline_at = shown_source, max_bytes, deadline_at
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def too_large(self) -> PipelineError:
+        return PipelineError(
+            f"corpus source {self.shown} is larger than {MAX_BYTES_ENV} = {self.max_bytes:,} "
+            f"bytes; {CHECK_SOURCE}, or raise {MAX_BYTES_ENV}"
+        )
+
+    def run(self, source: str, tmp_path: Path, timeout_s: float, delays_s: tuple[float, ...]):
+        with open_with_retries(source, timeout_s, delays_s) as response:
+            announced = getattr(response, "headers", {}).get("Content-Length")
+            if announced is not None and announced.isdigit() and int(announced) > self.max_bytes:
+                raise self.too_large()
+            with open(tmp_path, "wb") as out:
+                while chunk := self.read_chunk(response):
+                    self.size += len(chunk)
+                    if self.size > self.max_bytes:
+                        raise self.too_large()
+                    self.digest.update(chunk)
+                    # Outside read_chunk's handler: a full disk is not a broken transfer.
+                    out.write(chunk)
+        if announced is not None and announced.isdigit() and self.size < int(announced):
+            raise PipelineError(
+                f"corpus download from {self.shown} broke off after {self.size:,} of "
+                f"{int(announced):,} bytes (the server closed the connection); rerun "
+                "`dvc repro download`"
+            )
+
+    def read_chunk(self, response: BinaryIO) -> bytes:
+        """The next bytes that have arrived (read1: a stalled transfer shows its progress)."""
+        if time.monotonic() > self.deadline_at:
+            raise DeadlinePassed  # where the timer cannot run (not the main thread)
+        try:
+            return response.read1(CHUNK_BYTES)
+        except (OSError, http.client.HTTPException) as error:
+            raise PipelineError(
+                f"corpus download from {self.shown} broke off after {self.size:,} bytes "
+                f"({error or type(error).__name__}); rerun `dvc repro download`"
+            ) from None
 
 
 def corpus_source(data: DataParams) -> str:
@@ -179,12 +324,44 @@ def corpus_source(data: DataParams) -> str:
     return os.environ.get(CORPUS_URL_ENV) or data.url
 
 
+def override_hint(data: DataParams) -> str:
+    """For a checksum mismatch: say that $BIGRAM_CORPUS_URL, not data.url, was fetched.
+
+    Left exported for an offline Tiny Shakespeare, it silently wins over one's own text.
+    """
+    mirror = os.environ.get(CORPUS_URL_ENV)
+    if not mirror or mirror == data.url:
+        return ""
+    return (
+        f"; {CORPUS_URL_ENV} is set and overrides data.url ({masked(data.url)}): "
+        f"`unset {CORPUS_URL_ENV}` to fetch data.url, or point it at a copy of that file"
+    )
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    timeout_s: float
+    retry_delays_s: tuple[float, ...]
+    deadline_s: float
+    max_bytes: int
+
+
+def settings_from_env() -> NetworkSettings:
+    """The download's knobs from the environment, each checked against its range."""
+    return NetworkSettings(
+        timeout_s=seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S),
+        retry_delays_s=retry_delays(
+            seconds_from_env(BACKOFF_ENV, DEFAULT_BACKOFF_S, MAX_BACKOFF_S)
+        ),
+        deadline_s=seconds_from_env(DEADLINE_ENV, DEFAULT_DEADLINE_S, MAX_DEADLINE_S),
+        max_bytes=bytes_from_env(MAX_BYTES_ENV, DEFAULT_MAX_BYTES),
+    )
+
+
 def main() -> None:
     params = load_params()
     source = corpus_source(params.data)
-    timeout_s = seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
-    delays_s = retry_delays(seconds_from_env(BACKOFF_ENV, DEFAULT_BACKOFF_S))
-    max_bytes = bytes_from_env(MAX_BYTES_ENV, DEFAULT_MAX_BYTES)
+    settings = settings_from_env()
     with tracking.stage_run("download", params, run_name="download"):
         mlflow.log_params({"data.url": masked(params.data.url), "data.sha256": params.data.sha256})
         # Where this machine fetched the corpus from goes to MLflow, never into download.json:
@@ -192,7 +369,14 @@ def main() -> None:
         mlflow.set_tags({"corpus_source": masked(source), "corpus_sha256": params.data.sha256})
         started = time.perf_counter()
         size = download_verified(
-            source, params.data.sha256, CORPUS_PATH, timeout_s, delays_s, max_bytes
+            source,
+            params.data.sha256,
+            CORPUS_PATH,
+            settings.timeout_s,
+            settings.retry_delays_s,
+            settings.max_bytes,
+            settings.deadline_s,
+            mismatch_hint=override_hint(params.data),
         )
         seconds = time.perf_counter() - started
         mlflow.log_metrics(

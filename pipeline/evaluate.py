@@ -17,6 +17,8 @@ the learned next-character table beside the one counted from the corpus
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import torch
 
@@ -30,7 +32,8 @@ from pipeline.counts import (
     next_token_frequencies,
     uniform_loss,
 )
-from pipeline.data import load_tokens, load_vocab, to_device_tokens
+from pipeline.data import load_encoded_corpus, to_device_tokens
+from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
 from pipeline.heatmap import plot_next_char_probs
 from pipeline.model import load_model
@@ -63,23 +66,36 @@ def compute_metrics(
     }
 
 
+def check_metrics_finite(metrics: dict[str, float]) -> None:
+    """A model whose losses are not numbers (weights of a diverged run) gives no metrics.json:
+    NaN is not valid JSON, and no comparison with it means anything."""
+    broken = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+    if broken:
+        shown = ", ".join(f"{name} {value}" for name, value in broken.items())
+        raise PipelineError(
+            f"{MODEL_PATH} gives {shown}: its weights are not finite numbers (a diverged "
+            "training run); rerun `dvc repro train`, with a lower train.lr if it diverges again"
+        )
+
+
 def main() -> None:
     reproducibility.pin_threads()
     params = load_params()
-    chars = load_vocab(VOCAB_PATH)
+    chars, splits = load_encoded_corpus(VOCAB_PATH, (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH))
     model = load_model(MODEL_PATH, len(chars))
     logits = model.token_embedding_table.weight.detach()
     train_counts, val_counts = (
-        bigram_counts(to_device_tokens(load_tokens(path), "cpu"), len(chars))
-        for path in (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH)
+        bigram_counts(to_device_tokens(tokens, "cpu"), len(chars)) for tokens in splits
     )
+    # Before the run starts and before any output is removed: a bad model changes nothing.
+    metrics = compute_metrics(logits, train_counts, val_counts)
+    check_metrics_finite(metrics)
     training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
 
     with (
         tracking.model_run("evaluate", params, training_run, stage_params={}),
         outputs_removed_on_failure(METRICS_PATH, PROBS_PLOT_PATH),
     ):
-        metrics = compute_metrics(logits, train_counts, val_counts)
         plot_next_char_probs(
             model.next_token_probs().detach().numpy(),
             next_token_frequencies(train_counts).numpy(),

@@ -85,8 +85,10 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
 
 
 def write_json(path: Path, payload: Any) -> None:
+    """Write payload as JSON, atomically. NaN and infinity are refused (ValueError, nothing
+    written): Python would write them as NaN and Infinity, which is not JSON."""
     with atomic_open(path, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
+        json.dump(payload, handle, indent=2, ensure_ascii=False, allow_nan=False)
         handle.write("\n")
 
 

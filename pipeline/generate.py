@@ -12,7 +12,13 @@ prompt followed by the generated characters. ``--chars``, ``--temperature`` and 
 default to the model's sampling defaults, whose ``max_chars`` bounds ``--chars``: the ``sample``
 params stored with an MLflow model at training, or params.yaml's for a ``model.pt`` (see
 pipeline.textgen). A model fetched from the store goes to a temporary directory that is removed
-once the model is in memory, whether loading works or not.
+once the model is in memory, whether loading works or not; a ``file:`` URI is read in place.
+
+A model source is data, never code: from any form of a model only tensors (through torch's
+tensors-only unpickler) and JSON files are read, each inside the model's directory; no pickle
+of the model's is run and none of its code imported (docs/DESIGN.md, "What a model source is
+trusted for"). When the reader of the output stops early (``| head -c 10``), the command ends
+quietly with status 141, as a closed pipe ends any Unix tool.
 
 ``--help`` and argument errors answer at once: torch and MLflow are imported only to load a
 model.
@@ -21,9 +27,14 @@ model.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import sys
 import tempfile
+import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +48,11 @@ if TYPE_CHECKING:
 
 # Where download_artifacts looks up a model: this project's store (and its artifacts).
 MODEL_URI_SCHEMES = ("models", "runs", "mlflow-artifacts", "file")
+# How long a failed download's directory is removed again while MLflow's threads finish.
+REMOVAL_ATTEMPTS = 50
+REMOVAL_PAUSE_S = 0.1
+# What a shell reports for a command that a closed pipe stopped (128 + SIGPIPE), as `yes | head`.
+EXIT_BROKEN_PIPE = 141
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,15 +103,26 @@ def is_uri(reference: str) -> bool:
 
 
 def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
+    if not is_uri(reference):
+        return load_from_path(Path(reference), vocab_path, reference)
+    parsed = urllib.parse.urlparse(reference)
+    if parsed.scheme == "file":
+        from urllib.request import url2pathname
+
+        # Read in place: copying whatever a file: URI names (/proc/self/) first could take
+        # without end and would only duplicate a local model.
+        path = Path(url2pathname(parsed.path))
+        return load_from_path(path, vocab_path, reference)
+    return load_from_uri(reference)
+
+
+def load_from_path(path: Path, vocab_path: Path, reference: str) -> TextGenerator:
     from pipeline.data import load_vocab
     from pipeline.model import load_model
     from pipeline.textgen import TextGenerator
 
-    if is_uri(reference):
-        return load_from_uri(reference)
-    path = Path(reference)
-    if (path / "MLmodel").is_file():
-        return load_mlflow_model(path)
+    if path.is_dir() and (path / "MLmodel").exists():
+        return load_mlflow_model(path, reference)
     if path.is_file():
         chars = load_vocab(vocab_path)
         return TextGenerator(load_model(path, len(chars)), chars, workspace_sample_params(path))
@@ -103,6 +130,24 @@ def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
         f"no model at {reference}: give a model URI (models:/NAME@champion, runs:/RUN_ID/model), "
         f"an MLflow model directory or a model.pt (run `dvc repro train` to make {MODEL_PATH})"
     )
+
+
+@contextlib.contextmanager
+def download_directory() -> Iterator[Path]:
+    """A temporary directory for a model fetched from the store, removed on every way out.
+
+    MLflow copies files on worker threads, which go on writing after the download has failed;
+    the directory is removed again until they have finished, so that none is left behind.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="bigram-model-"))
+    try:
+        yield directory
+    finally:
+        for _ in range(REMOVAL_ATTEMPTS):
+            shutil.rmtree(directory, ignore_errors=True)
+            if not directory.exists():
+                break
+            time.sleep(REMOVAL_PAUSE_S)
 
 
 def load_from_uri(uri: str) -> TextGenerator:
@@ -130,9 +175,11 @@ def load_from_uri(uri: str) -> TextGenerator:
             )
         store.check_sqlite_store(db_path)
     # The model is read into memory before the directory goes, so no run leaves it behind.
-    with tempfile.TemporaryDirectory(prefix="bigram-model-") as download_dir:
+    with download_directory() as download_dir:
         try:
-            local_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir)
+            local_dir = mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(download_dir)
+            )
         except MlflowException as error:
             raise PipelineError(
                 f"cannot load model {uri} from the MLflow store {store.shown_uri(store_uri)}: "
@@ -148,13 +195,15 @@ def load_from_uri(uri: str) -> TextGenerator:
 
 
 def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
-    """Load either flavour the train stage logs: the pyfunc generator or the PyTorch model."""
+    """Load either flavour the train stage logs, the pyfunc generator or the PyTorch model, from
+    its tensors and JSON files alone: no pickle is run, no code of the model's is imported (see
+    docs/DESIGN.md, "What a model source is trusted for")."""
     source = source or str(path)
     try:
-        return _load_mlflow_model(path, source)
+        return _load_mlflow_model(path.resolve(), source)
     except PipelineError:
         raise
-    except Exception as error:  # A damaged MLmodel, pickle or weights: whatever its loader raised.
+    except Exception as error:  # A damaged MLmodel: whatever its parser raised.
         reason = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise PipelineError(
             f"{source} is not a loadable MLflow model ({reason}); log it again with "
@@ -162,45 +211,94 @@ def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
         ) from None
 
 
-def _load_mlflow_model(path: Path, source: str) -> TextGenerator:
-    import mlflow.pyfunc
-    from mlflow.models import Model
+def _load_mlflow_model(root: Path, source: str) -> TextGenerator:
+    import yaml
 
     from pipeline.data import load_vocab
-    from pipeline.model import BigramLanguageModel
-    from pipeline.serving import BigramTextModel
+    from pipeline.model import load_logged_module, load_model
     from pipeline.textgen import SAMPLING_DEFAULTS_FILE, TextGenerator, read_sampling_defaults
 
-    flavors = Model.load(path / "MLmodel").flavors
-    if "pytorch" in flavors:
-        import mlflow.pytorch  # Only this flavour needs it.
-
-        model = mlflow.pytorch.load_model(str(path), map_location="cpu")
-        extra_files = {
-            Path(extra["path"]).name: path / extra["path"]
-            for extra in flavors["pytorch"].get("extra_files", [])
+    mlmodel = yaml.safe_load(model_file(root, "MLmodel", source).read_text(encoding="utf-8"))
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict):
+        raise PipelineError(
+            f"{source} is not a loadable MLflow model (its MLmodel names no flavours)"
+        )
+    pytorch = flavors.get("pytorch")
+    generator = flavors.get("python_function")
+    if isinstance(pytorch, dict):
+        # The vocabulary and the defaults are the flavour's extra files, named by file name.
+        extra = {
+            Path(entry["path"]).name: entry["path"]
+            for entry in pytorch.get("extra_files") or []
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str)
         }
-        vocab_path = extra_files.get(VOCAB_PATH.name)
-        defaults_path = extra_files.get(SAMPLING_DEFAULTS_FILE)
-        if isinstance(model, BigramLanguageModel) and vocab_path and defaults_path:
-            chars = load_vocab(vocab_path)
-            if model.vocab_size == len(chars):
-                return TextGenerator(model, chars, read_sampling_defaults(defaults_path))
-    elif "python_function" in flavors:
-        python_model = mlflow.pyfunc.load_model(str(path)).unwrap_python_model()
-        if isinstance(python_model, BigramTextModel):
-            return python_model.generator
-    raise PipelineError(
-        f"{source} is not a bigram model logged by this pipeline's train stage "
-        f"(flavours: {', '.join(flavors)})"
-    )
+        files = {
+            "weights": f"{pytorch.get('model_data', 'data')}/model.pth",
+            "vocab": extra.get(VOCAB_PATH.name),
+            "defaults": extra.get(SAMPLING_DEFAULTS_FILE),
+        }
+        load_weights = load_logged_module
+    elif isinstance(generator, dict) and isinstance(generator.get("artifacts"), dict):
+        artifacts = generator["artifacts"]
+        files = {
+            name: entry.get("path") if isinstance(entry, dict) else None
+            for name in ("weights", "vocab", "defaults")
+            for entry in [artifacts.get(name)]
+        }
+        load_weights = load_model
+    else:
+        raise PipelineError(
+            f"{source} is not a bigram model logged by this pipeline's train stage "
+            f"(flavours: {', '.join(map(str, flavors))})"
+        )
+    # Every file is checked before any is read.
+    paths = {name: model_file(root, relative, source) for name, relative in files.items()}
+    chars = load_vocab(paths["vocab"])
+    model = load_weights(paths["weights"], len(chars))
+    return TextGenerator(model, chars, read_sampling_defaults(paths["defaults"]))
+
+
+def model_file(root: Path, relative: object, source: str) -> Path:
+    """The file of a model directory that its MLmodel names: a regular file inside the
+    directory, symbolic links followed, so that a crafted MLmodel (``../../etc/passwd``, an
+    absolute path, a link out) cannot make the command read anything else."""
+    if not isinstance(relative, str) or not relative:
+        raise PipelineError(
+            f"{source} is not a bigram model logged by this pipeline's train stage (its "
+            "MLmodel names no weights, vocabulary or sampling defaults)"
+        )
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise PipelineError(
+            f"{source} is refused: its MLmodel names {relative!r}, outside the model's "
+            "directory; load only models this pipeline logged"
+        )
+    if not path.is_file():
+        raise PipelineError(
+            f"{source} lacks {relative} (or it is not a regular file); log it again with "
+            "`dvc repro --force train`"
+        )
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     generator = load_generator(args.model, args.vocab)
     request = generator.request(args.prompt, args.chars, args.temperature, args.seed)
-    sys.stdout.write(generator.complete(request) + "\n")
+    write_output(generator.complete(request) + "\n")
+
+
+def write_output(text: str) -> None:
+    """Print the text; a reader that stops early (`| head -c 10`) ends the command quietly with
+    status 141, as a closed pipe ends any Unix tool, instead of a BrokenPipeError traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's advice: point stdout at /dev/null, so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
 
 
 if __name__ == "__main__":

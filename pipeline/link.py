@@ -11,13 +11,18 @@ restores every other stage from its run-cache, when no other code of ours runs:
   (see pipeline/runrecord.py for how it enters each experiment's commit).
 - Runs left RUNNING by a stage killed with SIGKILL (or the out-of-memory killer) on this host
   are ended KILLED, as any stage does when it starts; here this also happens when no stage runs.
+- A run.json whose run the store no longer holds (``mlflow.db`` deleted or replaced) is
+  rewritten: the run that holds the model now, or none, and the stage says so.
 
 It must stay cheap, since it runs on every no-op `dvc repro`: when run.json already names the
-model's sha256 and the SQLite store holds no run RUNNING on this host, it imports neither MLflow
-nor torch and reads the store read-only (about 0.1 s). Other stores go through MLflow.
+model's sha256, the SQLite store holds that run and no run RUNNING on this host, it imports
+neither MLflow nor torch and reads the store read-only (about 0.1 s). Other stores go through
+MLflow.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pipeline import runrecord, store
 from pipeline.cli import stage_entry_point
@@ -30,10 +35,11 @@ def main() -> None:
         print(f"link: no {MODEL_PATH}, nothing to link")
         return
     model_sha256 = file_sha256(MODEL_PATH)
-    linked = runrecord.recorded_model_sha256() == model_sha256
+    recorded_run_id, recorded_sha256 = runrecord.recorded_run()
+    linked = recorded_sha256 == model_sha256
     sqlite_file = store.sqlite_store_path()
     abandoned = store.abandoned_runs_in_sqlite(sqlite_file) if sqlite_file else None
-    if linked and abandoned is False:
+    if linked and abandoned is False and _still_in_sqlite(sqlite_file, recorded_run_id):
         runrecord.stage_for_experiment()
         return  # The common case, a no-op `dvc repro`: nothing to do, nothing imported.
 
@@ -44,17 +50,28 @@ def main() -> None:
     params = load_params()
     experiment_id = store.connect(params.tracking.experiment_name)
     tracking.end_runs_of_dead_processes(experiment_id)
-    if linked:
+    store_uri = store.shown_uri(store.tracking_uri())
+    if linked and (recorded_run_id is None or tracking.run_exists(recorded_run_id)):
         runrecord.stage_for_experiment()
         return
+    if linked:
+        # The store was replaced or wiped (mlflow.db deleted): the id would point nowhere.
+        print(f"link: the MLflow store {store_uri} no longer holds run {recorded_run_id}")
     run_id = tracking.find_run(experiment_id, "train", tracking.MODEL_TAG, model_sha256)
     # A model pulled from a DVC remote may have been trained against another store.
     runrecord.write_run_record(run_id, model_sha256)
     if run_id is None:
-        store_uri = store.shown_uri(store.tracking_uri())
         print(f"link: no training run in the MLflow store {store_uri} holds {MODEL_PATH}")
     else:
         print(f"link: {MODEL_PATH} was trained by MLflow run {run_id}")
+
+
+def _still_in_sqlite(sqlite_file: Path | None, run_id: str | None) -> bool:
+    """Whether the SQLite store still holds the run that run.json names (read-only, no MLflow).
+
+    A run.json naming no run (the model was trained against another store) needs no look-up.
+    """
+    return run_id is None or (sqlite_file is not None and store.run_in_sqlite(sqlite_file, run_id))
 
 
 if __name__ == "__main__":

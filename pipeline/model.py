@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import bisect
 import io
+import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -114,16 +117,105 @@ def save_model(model: BigramLanguageModel, path: Path) -> None:
 
 
 def load_model(path: Path, vocab_size: int) -> BigramLanguageModel:
-    """Load weights saved by the train stage, checking they fit this vocabulary."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path} is missing: run `dvc repro train`") from None
-    except Exception as error:
-        raise PipelineError(
-            f"{path} is not a saved model ({error}); rerun `dvc repro train`"
-        ) from None
+    """Load weights saved by the train stage (a state dict), checking they fit this vocabulary.
+
+    Every model file is read through load_tensors, so no model file runs code.
+    """
+    state = load_tensors(path)
     weights = state.get("token_embedding_table.weight") if isinstance(state, dict) else None
+    return model_from_weights(path, weights, vocab_size)
+
+
+def load_logged_module(path: Path, vocab_size: int) -> BigramLanguageModel:
+    """The weights of a whole model pickled by ``mlflow.pytorch.log_model`` (``data/model.pth``),
+    read without running the pickle.
+
+    Unpickled as MLflow does, the file would rebuild the module by calling whatever it names:
+    any code. Here torch's tensors-only unpickler reads it, with the two classes such a file
+    names mapped to inert stand-ins that only keep the attributes they are given; the table is
+    taken from them and put into a fresh model, so nothing of the file's but tensors is used.
+    """
+    with torch.serialization.safe_globals(_PICKLED_MODULE_STAND_INS):
+        module = load_tensors(path)
+    return model_from_weights(path, _pickled_table(module), vocab_size)
+
+
+class _PickledAttributes:
+    """Stands in for a class a pickled module names: calling or rebuilding it runs no code but
+    keeping the attributes the file holds (only values torch's unpickler allows)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+class _PickledBigramModel(_PickledAttributes):
+    pass
+
+
+class _PickledEmbedding(_PickledAttributes):
+    pass
+
+
+_PICKLED_MODULE_STAND_INS = [
+    (_PickledBigramModel, f"{BigramLanguageModel.__module__}.{BigramLanguageModel.__name__}"),
+    (_PickledEmbedding, f"{nn.Embedding.__module__}.{nn.Embedding.__name__}"),
+]
+
+
+def _pickled_table(module: object) -> torch.Tensor | None:
+    """The embedding table of an unpickled stand-in, or None where the file holds none."""
+    if not isinstance(module, _PickledBigramModel):
+        return None
+    submodules = vars(module).get("_modules")
+    table = submodules.get("token_embedding_table") if isinstance(submodules, dict) else None
+    parameters = vars(table).get("_parameters") if isinstance(table, _PickledEmbedding) else None
+    weights = parameters.get("weight") if isinstance(parameters, dict) else None
+    return weights if isinstance(weights, torch.Tensor) else None
+
+
+def load_tensors(path: Path) -> object:
+    """torch.load with only tensors and plain containers allowed (``weights_only``), so a
+    crafted pickle is refused before it can run anything; every refusal is one line."""
+    if not path.exists():
+        raise PipelineError(f"{path} is missing: run `dvc repro train`")
+    if not path.is_file():
+        # A FIFO or a device would block or never end.
+        raise PipelineError(f"{path} is not a regular file: rerun `dvc repro train`")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about a pickle protocol it did not write before refusing the file.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise PipelineError(
+            f"{path} is refused: it is a pickle that holds more than tensors "
+            f"({_unpickler_reason(str(error))}), and loading it could run code; load only "
+            "model files this pipeline wrote (`dvc repro train` writes data/train/model.pt)"
+        ) from None
+    except Exception as error:
+        reason = (str(error).strip() or type(error).__name__).splitlines()[0]
+        raise PipelineError(
+            f"{path} is not a saved model ({reason}); rerun `dvc repro train`"
+        ) from None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The one line of torch's many-line refusal that says what the file wanted."""
+    wanted = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if wanted:
+        return f"it names {wanted.group(1)}"
+    detail = message.partition("WeightsUnpickler error:")[2].strip()
+    return detail.splitlines()[0] if detail else "not a tensors-only file"
+
+
+def model_from_weights(
+    path: Path, weights: torch.Tensor | None, vocab_size: int
+) -> BigramLanguageModel:
+    """A fresh model holding weights, which must be the table of this vocabulary."""
     if weights is None:
         raise PipelineError(f"{path} holds no bigram embedding table: rerun `dvc repro train`")
     expected = (vocab_size, vocab_size)
@@ -132,6 +224,11 @@ def load_model(path: Path, vocab_size: int) -> BigramLanguageModel:
             f"{path} has an embedding table of shape {tuple(weights.shape)} but the vocabulary "
             f"needs {expected}: the model was trained on another vocabulary; rerun `dvc repro`"
         )
+    if not weights.is_floating_point():
+        raise PipelineError(
+            f"{path} holds an embedding table of {weights.dtype}, not floats: rerun `dvc repro "
+            "train`"
+        )
     model = BigramLanguageModel(vocab_size)
-    model.load_state_dict(state)
+    model.load_state_dict({"token_embedding_table.weight": weights})
     return model

@@ -267,3 +267,55 @@ def _check(section: Any, section_name: str, path: Path) -> None:
 
 def _reject(path: Path, name: str, rule: str, value: Any) -> None:
     raise PipelineError(f"{path}: param '{name}' must be {rule}, got {value!r}")
+
+
+# Params checked against the corpus -------------------------------------------------------------
+# Some rules need the text: how many distinct characters it has and how long it is. The vocab
+# and train stages check them on the data they read; the check stage checks them earlier, on
+# the vocab stage's manifest, whenever that manifest is of the corpus data.sha256 names.
+
+
+def check_vocab_size(vocab_size: int, max_vocab_size: int) -> None:
+    """Refuse a vocabulary whose V x V tables (train, evaluate) would not fit in memory.
+
+    20,992 characters (the CJK block) would need 3.5 GB per float64 table, and the train stage
+    holds several at once.
+    """
+    if vocab_size > max_vocab_size:
+        table_gb = 8 * vocab_size**2 / 1e9
+        raise PipelineError(
+            f"the corpus has {vocab_size:,} distinct characters, above data.max_vocab_size = "
+            f"{max_vocab_size:,}; raise it in params.yaml (each {vocab_size:,} x {vocab_size:,} "
+            f"count table takes {table_gb:.1f} GB, and training holds several)"
+        )
+
+
+def split_sizes(num_tokens: int, train_fraction: float, corpus: Path) -> tuple[int, int]:
+    """The lengths of the train split (the first data.train_fraction of the tokens) and the val
+    split (the rest); each needs 2 tokens, one bigram, or more."""
+    if num_tokens < 2:
+        raise PipelineError(f"{corpus} holds {num_tokens} characters: it needs at least 2")
+    num_train = int(train_fraction * num_tokens)
+    num_val = num_tokens - num_train
+    if num_train < 2 or num_val < 2:
+        raise PipelineError(
+            f"{corpus} is too short ({num_tokens} characters) to split with "
+            f"data.train_fraction = {train_fraction}: each split needs 2 or more"
+        )
+    return num_train, num_val
+
+
+def check_block_size(block_size: int, num_train: int, num_val: int) -> None:
+    shortest = min(num_train, num_val)
+    if block_size >= shortest:
+        raise PipelineError(
+            f"param 'train.block_size' must be shorter than the smaller split ({shortest} tokens), "
+            f"got {block_size}; lower it or use a longer corpus"
+        )
+
+
+def check_against_corpus(params: Params, vocab_size: int, num_tokens: int, corpus: Path) -> None:
+    """Every rule that ties a param to the corpus, as the vocab and train stages apply them."""
+    check_vocab_size(vocab_size, params.data.max_vocab_size)
+    num_train, num_val = split_sizes(num_tokens, params.data.train_fraction, corpus)
+    check_block_size(params.train.block_size, num_train, num_val)

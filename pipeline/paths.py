@@ -8,6 +8,9 @@ from pathlib import Path
 
 DATA_DIR = Path("data")
 
+# check: the same bytes for any valid params (see pipeline/check.py)
+PARAMS_CHECKED_PATH = DATA_DIR / "check" / "params.json"
+
 # download
 CORPUS_PATH = DATA_DIR / "raw" / "input.txt"
 DOWNLOAD_INFO_PATH = DATA_DIR / "raw" / "download.json"

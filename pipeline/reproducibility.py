@@ -8,6 +8,8 @@
   for it in dvc.lock.
 - ``version.python``, ``version.torch``, ``version.dvc``, ``version.mlflow`` and
   ``device.name``.
+- ``cpu.capability`` (the kernel level torch dispatched to: DEFAULT in every stage),
+  ``cpu.pins`` (the environment pipeline.determinism pins) and ``torch.threads``.
 
 The params are logged on the run beside them. Checking out the commit, setting the run's params
 and running ``dvc repro`` rebuilds the run; on the CPU its metrics are identical.
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import mlflow
 import torch
+
+from pipeline.determinism import pins_description
 
 DVC_FILE = Path("dvc.yaml")
 TRAIN_STAGE = "train"
@@ -68,9 +72,9 @@ def stage_dep_hashes(stage: str = TRAIN_STAGE) -> dict[str, str]:
 
 
 def pin_threads() -> None:
-    """One torch thread: the order of a parallel float sum depends on the thread count, so
-    pinning it keeps CPU results (and the saved model's bytes) the same on every machine with
-    the same torch build and CPU family. Bigram tensors are too small to gain from threads."""
+    """One torch thread: the order of a parallel float sum depends on the thread count (see
+    pipeline.determinism, which also pins the kernel level). Bigram tensors are too small to
+    gain from threads."""
     torch.set_num_threads(1)
 
 
@@ -110,6 +114,9 @@ def record(device: torch.device) -> dict[str, str]:
         "version.dvc": package_version("dvc"),
         "version.mlflow": mlflow.__version__,
         "device.name": device_name(device),
+        "cpu.capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu.pins": pins_description(),
+        "torch.threads": str(torch.get_num_threads()),
     }
     if changed:
         tags["git.changed_files"] = ", ".join(changed)

@@ -24,13 +24,19 @@ def write_run_record(run_id: str | None, model_sha256: str) -> None:
     stage_for_experiment()
 
 
-def recorded_model_sha256() -> str | None:
-    """The model sha256 that run.json was written for, or None."""
+def recorded_run() -> tuple[str | None, str | None]:
+    """(MLflow run id, model sha256) that run.json names; (None, None) without a readable one."""
     try:
         record = json.loads(RUN_INFO_PATH.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return record.get("model_sha256") if isinstance(record, dict) else None
+        return None, None
+    if not isinstance(record, dict):
+        return None, None
+    run_id, model_sha256 = record.get("mlflow_run_id"), record.get("model_sha256")
+    return (
+        run_id if isinstance(run_id, str) else None,
+        model_sha256 if isinstance(model_sha256, str) else None,
+    )
 
 
 def stage_for_experiment() -> None:

@@ -11,9 +11,15 @@ Registry under ``tracking.registered_model_name``, one version per training, so 
 answers ``POST /invocations`` with ``{"dataframe_records": [{"prompt": "ROMEO:", "chars": 200}]}``
 by ``{"predictions": ["ROMEO:..."]}``. The columns ``chars``, ``temperature`` and ``seed`` are
 optional; their defaults, and the ``max_chars`` bound, are the training's ``sample`` params.
-``max_chars`` bounds the characters of the whole request, all rows together. A bad value in any
+``max_chars`` bounds the characters of the whole request, all rows together; a request holds at
+most ``pipeline.textgen.MAX_REQUEST_ROWS`` rows (1,000) and prompts of ``MAX_PROMPT_CHARS``
+characters in all, so that a request within the limits answers in seconds. A bad value in any
 row (a prompt that is not a string, ``chars: 1.5``, ``temperature: NaN``) is an HTTP 400 naming it,
 before any row is generated.
+
+Loading either flavour through MLflow (``mlflow.pyfunc.load_model``, ``mlflow.pytorch.load_model``,
+``mlflow models serve``) runs code the model carries; the generate command reads only its tensors
+and JSON files (docs/DESIGN.md, "What a model source is trusted for").
 
 Registry aliases: every new version gets ``challenger``; ``champion`` moves to it only when its
 val loss beats the current champion's (the first version becomes champion).
@@ -48,6 +54,7 @@ from pipeline.paths import MODEL_PATH, VOCAB_PATH
 from pipeline.textgen import (
     Request,
     TextGenerator,
+    check_row_count,
     check_total,
     checked_request,
     read_sampling_defaults,
@@ -100,7 +107,9 @@ class BigramTextModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         try:
-            # Every row is checked, and the request as a whole, before any is generated.
+            # The row count first, as reading the rows costs per row; then every row is
+            # checked, and the request as a whole, before any is generated.
+            check_row_count(len(model_input))
             requests = [self.checked(row, model_input) for row in model_input.to_dict("records")]
             check_total(requests, self.generator.defaults.max_chars)
             return [self.generator.complete(request) for request in requests]

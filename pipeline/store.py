@@ -11,6 +11,12 @@ as ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, the way MLflow its
 MLflow sees the URI without them: so it cannot print or store the password (its "View run at"
 links, run and model URIs), and every message shows ``user:***``.
 
+A relative SQLite path (``sqlite:///team.db``) is a file of the repository the user works in, not
+of the temporary copy a `dvc exp run --temp` runs in. Every store the stages use is probed before
+MLflow's minutes of retries: a tracking server must answer a real API call, a database one
+connection, each within seconds. A new experiment in a database store keeps its artifacts in the
+repository's ``mlartifacts``, never in DVC's temporary copy, which DVC deletes.
+
 Before MLflow opens a SQLite store, the store is checked (a truncated file, another MLflow
 version's schema, a repository that was moved) and created under a file lock, so that parallel
 queue workers do not race. MLflow is imported inside the functions that call it: the link stage
@@ -29,10 +35,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
 from pipeline.files import process_is_alive
-from pipeline.secrets import basic_auth_header, masked, split_credentials
+from pipeline.secrets import basic_auth_header, masked, open_url, split_credentials
+
+if TYPE_CHECKING:
+    import ssl
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
@@ -43,9 +53,19 @@ ARTIFACTS_DIR = "mlartifacts"
 # instead of failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
 SERVER_PROBE_TIMEOUT_S = 5
+# A real API call: a server's /health may answer while its backend store cannot serve.
+SERVER_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+DATABASE_CONNECT_TIMEOUT_S = 5
+# Database stores MLflow opens through SQLAlchemy; the first two take libpq's and PyMySQL's
+# `connect_timeout`.
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+TIMEOUT_SCHEMES = ("postgresql", "mysql")
 # Which process runs a run, so that a later stage can end the runs of stages that were killed.
 HOST_TAG = "pipeline.host"
 PID_TAG = "pipeline.pid"
+# Where that pid means something: the boot, the pid namespace and the process's start time
+# (see run_process_has_gone).
+PROCESS_TAG = "pipeline.process"
 
 
 def repo_root() -> Path:
@@ -74,9 +94,27 @@ def use_store() -> str:
             os.environ[USERNAME_ENV], os.environ[PASSWORD_ENV] = user, password or ""
         _probe_server(uri)
     elif uri.startswith("sqlite:"):
-        sqlite_path(uri)  # A URI without a file is refused before MLflow makes one of it.
+        uri = absolute_sqlite_uri(uri)
+    elif database_scheme(uri) is not None:
+        _probe_database(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def absolute_sqlite_uri(uri: str) -> str:
+    """The URI naming its file by an absolute path (see sqlite_path), its query kept.
+
+    MLflow would read sqlite:///team.db against the working directory: under `dvc exp run
+    --temp`, a temporary copy that DVC deletes with every run in it.
+    """
+    query = uri.partition("?")[2]
+    return f"sqlite:///{sqlite_path(uri)}" + (f"?{query}" if query else "")
+
+
+def database_scheme(uri: str) -> str | None:
+    """postgresql, mysql or mssql for a database URI (``postgresql+psycopg://...`` too)."""
+    scheme = uri.partition(":")[0].partition("+")[0].lower()
+    return scheme if scheme in DATABASE_SCHEMES else None
 
 
 def connect(experiment_name: str) -> str:
@@ -87,7 +125,16 @@ def connect(experiment_name: str) -> str:
     uri = use_store()
     if uri.startswith("sqlite:"):
         return _prepare_sqlite_store(uri, experiment_name)
-    return _get_or_create_experiment(experiment_name, artifact_location=None, uri=shown_uri(uri))
+    # A server chooses its own artifact root. A database store would give a new experiment
+    # ./mlruns of the working directory: DVC's temporary copy under `dvc exp run --temp` or a
+    # queue worker, deleted with every artifact of the experiment's runs, later ones included.
+    artifact_location = None if uri.startswith(("http:", "https:")) else repo_artifacts_uri()
+    return _get_or_create_experiment(experiment_name, artifact_location, uri=shown_uri(uri))
+
+
+def repo_artifacts_uri() -> str:
+    """mlartifacts/ of the repository the user works in (DVC_ROOT under a temporary copy)."""
+    return (repo_root() / ARTIFACTS_DIR).as_uri()
 
 
 def shown_uri(uri: str) -> str:
@@ -96,7 +143,8 @@ def shown_uri(uri: str) -> str:
 
 
 def sqlite_path(uri: str) -> Path:
-    """The file of a sqlite:/// URI: sqlite:///relative.db or sqlite:////absolute/path.db.
+    """The file of a sqlite:/// URI, absolute: sqlite:////absolute/path.db, or
+    sqlite:///relative.db, relative to the repository root (repo_root).
 
     SQLAlchemy reads ``sqlite://`` and ``sqlite:///:memory:`` as a store in memory, which would
     lose every run when the stage ends.
@@ -108,7 +156,7 @@ def sqlite_path(uri: str) -> Path:
             "sqlite:///relative/path/mlflow.db or sqlite:////absolute/path/mlflow.db, or unset it "
             f"to use {STORE_FILE} at the repository root"
         )
-    return Path(path)
+    return repo_root() / urllib.parse.unquote(path)
 
 
 def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
@@ -123,7 +171,7 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
 
     db_path = sqlite_path(uri)
     _check_store_is_writable(db_path)
-    with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S):
+    with FileLock(f"{db_path}.lock", timeout=SQLITE_BUSY_TIMEOUT_S), _removed_if_left_new(db_path):
         if db_path not in _checked_stores:
             check_sqlite_store(db_path)
             _checked_stores.add(db_path)
@@ -139,6 +187,22 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
         # The first MLflow call of the process opens MLflow's store, which creates the tables
         # of a new store: that too must happen under the lock.
         return _get_or_create_experiment(experiment_name, artifact_location, uri=str(db_path))
+
+
+@contextlib.contextmanager
+def _removed_if_left_new(db_path: Path):
+    """A store this process creates, but fails to set up, is deleted: no empty team.db stays.
+
+    Held under the store's file lock, so no other process can have started using it meanwhile.
+    """
+    existed = db_path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            for leftover in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+                leftover.unlink(missing_ok=True)
+        raise
 
 
 # Stores this process has checked. The check reads the file with open(), and closing it drops
@@ -259,25 +323,124 @@ def _check_artifact_locations(db_path: Path, locations: list[tuple[str, str]]) -
 
 
 def _probe_server(uri: str) -> None:
-    """Fail fast when a tracking server is down, instead of MLflow's minutes of retries.
+    """Fail fast when a tracking server cannot serve, instead of MLflow's minutes of retries.
 
-    uri has no user and password (use_store moved them to MLflow's variables): sent as basic
-    auth, they let a server that guards /health answer too.
+    One API call, as MLflow would make it, bounded by SERVER_PROBE_TIMEOUT_S: a server that is
+    down, hangs, or answers 5xx (its /health may still answer) is named. Other answers (401, 404)
+    are left to MLflow's own calls, which report them in one line. uri has no user and password
+    (use_store moved them to MLflow's variables): sent as basic auth, to this origin only
+    (secrets.open_url).
     """
     user = os.environ.get(USERNAME_ENV)
     headers = basic_auth_header(user, os.environ.get(PASSWORD_ENV, "")) if user else {}
-    probe = urllib.request.Request(f"{uri.rstrip('/')}/health", headers=headers)
+    probe = urllib.request.Request(f"{uri.rstrip('/')}{SERVER_PROBE_PATH}", headers=headers)
+    fix = f"start it, or unset {TRACKING_URI_ENV} to use the local store {STORE_FILE}"
     try:
-        with urllib.request.urlopen(probe, timeout=SERVER_PROBE_TIMEOUT_S):
-            pass
-    except urllib.error.HTTPError:
-        pass  # The server answered; MLflow's own calls will report a real problem.
+        with open_url(probe, SERVER_PROBE_TIMEOUT_S, tracking_tls_context()) as response:
+            response.read(1)
+    except urllib.error.HTTPError as error:
+        if error.code >= 500:
+            raise PipelineError(
+                f"MLflow tracking server {shown_uri(uri)} cannot serve its API (HTTP "
+                f"{error.code} {error.reason} from {SERVER_PROBE_PATH.partition('?')[0]}): see "
+                f"the server's log, its backend store may be down; or unset {TRACKING_URI_ENV} "
+                f"to use the local store {STORE_FILE}"
+            ) from None
+    except TimeoutError:
+        raise PipelineError(
+            f"MLflow tracking server {shown_uri(uri)} did not answer its API within "
+            f"{SERVER_PROBE_TIMEOUT_S} s: see the server's log; or unset {TRACKING_URI_ENV} to "
+            f"use the local store {STORE_FILE}"
+        ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise PipelineError(
-            f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}); start it, "
-            f"or unset {TRACKING_URI_ENV} to use the local store {STORE_FILE}"
+            f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}); {fix}"
         ) from None
+
+
+def tracking_tls_context() -> ssl.SSLContext:
+    """The TLS settings MLflow itself uses for a tracking server: a private CA
+    (MLFLOW_TRACKING_SERVER_CERT_PATH, else requests' REQUESTS_CA_BUNDLE), a client certificate
+    (MLFLOW_TRACKING_CLIENT_CERT_PATH), or no verification (MLFLOW_TRACKING_INSECURE_TLS)."""
+    import ssl
+
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_CLIENT_CERT_PATH,
+        MLFLOW_TRACKING_INSECURE_TLS,
+        MLFLOW_TRACKING_SERVER_CERT_PATH,
+    )
+
+    try:
+        insecure = MLFLOW_TRACKING_INSECURE_TLS.get()
+    except ValueError:
+        raise PipelineError(
+            f"{MLFLOW_TRACKING_INSECURE_TLS.name} must be true or false, got "
+            f"{os.environ.get(MLFLOW_TRACKING_INSECURE_TLS.name)!r}"
+        ) from None
+    if insecure:
+        return ssl._create_unverified_context()
+    variable, ca = MLFLOW_TRACKING_SERVER_CERT_PATH.name, MLFLOW_TRACKING_SERVER_CERT_PATH.get()
+    for fallback in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        if not ca and os.environ.get(fallback):
+            variable, ca = fallback, os.environ[fallback]
+    client_cert = MLFLOW_TRACKING_CLIENT_CERT_PATH.get()
+    try:
+        context = ssl.create_default_context(
+            cafile=ca if ca and not os.path.isdir(ca) else None,
+            capath=ca if ca and os.path.isdir(ca) else None,
+        )
+        if client_cert:
+            variable = MLFLOW_TRACKING_CLIENT_CERT_PATH.name
+            context.load_cert_chain(client_cert)
+    except (OSError, ssl.SSLError) as error:
+        raise PipelineError(
+            f"{variable}={ca if variable != MLFLOW_TRACKING_CLIENT_CERT_PATH.name else client_cert}"
+            f" cannot be used ({getattr(error, 'strerror', None) or error}): point it at a PEM "
+            "file"
+        ) from None
+    return context
+
+
+def _probe_database(uri: str) -> None:
+    """One connection to a database store, bounded by DATABASE_CONNECT_TIMEOUT_S.
+
+    MLflow retries a failing connection for a minute and a half, logging each try in several
+    lines; a wrong password or a closed port is then named within seconds, in one line. Its
+    retry warnings are silenced: this probe has said what they would.
+    """
+    import logging
+
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.ERROR)
+    timeout = {"connect_timeout": DATABASE_CONNECT_TIMEOUT_S}
+    engine = None
+    try:
+        engine = sqlalchemy.create_engine(
+            uri,
+            poolclass=NullPool,
+            connect_args=timeout if database_scheme(uri) in TIMEOUT_SCHEMES else {},
+        )
+        with engine.connect():
+            pass
+    except ModuleNotFoundError as error:
+        raise PipelineError(
+            f"MLflow store {shown_uri(uri)} needs the Python module '{error.name}', its "
+            "database driver, which is not installed: install it, or name an installed driver "
+            f"in {TRACKING_URI_ENV} (postgresql+psycopg://...)"
+        ) from None
+    except Exception as error:  # The driver's errors, a malformed URI.
+        cause = getattr(error, "orig", None) or error
+        raise PipelineError(
+            f"MLflow store {shown_uri(uri)} cannot be reached ({type(cause).__name__}: "
+            f"{first_line(cause)}); check that the database runs and that the host, port, user "
+            f"and password in {TRACKING_URI_ENV} are right"
+        ) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str) -> str:
@@ -326,29 +489,107 @@ def sqlite_store_path() -> Path | None:
 
 def process_tags() -> dict[str, str]:
     """Tags naming the process that runs a run: see end_runs_of_dead_processes in tracking."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    identity = process_identity()
+    if identity is not None:
+        tags[PROCESS_TAG] = identity
+    return tags
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace: the same host name may hold several (containers)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int | str) -> str | None:
+    """When process pid (or "self") started, in clock ticks since boot; None if it has gone or
+    is a zombie, dead but not yet reaped by its parent."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == b"Z" else fields[19].decode()
+
+
+def process_identity() -> str | None:
+    """``<boot id>/<pid namespace>/<start ticks>`` of this process, or None where /proc does
+    not say (not Linux)."""
+    parts = (_boot_id(), _pid_namespace(), _start_ticks("self"))
+    return "/".join(parts) if None not in parts else None
+
+
+def run_process_has_gone(pid: str, identity: str | None) -> bool:
+    """Whether the process a run of this host names (its pipeline.pid and pipeline.process
+    tags) has ended; False when this process cannot tell.
+
+    A process of another boot has ended: the host restarted since (a host of the same name on
+    another machine is not told apart). One of another pid namespace, a second container of
+    the same host name, is not ours to see: its pid here is another process, or none. In ours,
+    a pid whose process started at another time names a newer process. Runs of older versions
+    carry no identity: their pid alone is checked.
+    """
+    if not pid.isdigit():
+        return False
+    if not identity:
+        return not process_is_alive(int(pid))
+    boot, namespace, start = (identity.split("/") + ["", "", ""])[:3]
+    if boot != _boot_id():
+        return True
+    if namespace != _pid_namespace():
+        return False
+    return _start_ticks(int(pid)) != start
+
+
+def _read_sqlite(path: Path, query: str, parameters: tuple) -> list[tuple] | None:
+    """Rows of a read-only query, with the standard library (no MLflow); None when the store
+    cannot be read so."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            return db.execute(query, parameters).fetchall()
+    except sqlite3.Error:
+        return None
 
 
 def abandoned_runs_in_sqlite(path: Path) -> bool | None:
     """Whether a SQLite store holds a run RUNNING on this host whose process has gone.
 
-    Read-only, with the standard library (no MLflow): None when the store cannot be read so.
+    None when the store cannot be read read-only.
     """
     if not path.is_file():
         return False
     query = """
-        SELECT host.value, pid.value FROM runs
+        SELECT host.value, pid.value, process.value FROM runs
         JOIN tags AS host ON host.run_uuid = runs.run_uuid AND host.key = ?
         JOIN tags AS pid ON pid.run_uuid = runs.run_uuid AND pid.key = ?
+        LEFT JOIN tags AS process ON process.run_uuid = runs.run_uuid AND process.key = ?
         WHERE runs.status = 'RUNNING'
     """
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-            rows = db.execute(query, (HOST_TAG, PID_TAG)).fetchall()
-    except sqlite3.Error:
+    rows = _read_sqlite(path, query, (HOST_TAG, PID_TAG, PROCESS_TAG))
+    if rows is None:
         return None
     host = socket.gethostname()
     return any(
-        found_host == host and pid.isdigit() and not process_is_alive(int(pid))
-        for found_host, pid in rows
+        found_host == host and run_process_has_gone(pid, identity)
+        for found_host, pid, identity in rows
     )
+
+
+def run_in_sqlite(path: Path, run_id: str) -> bool | None:
+    """Whether a SQLite store holds the run (not deleted); None when it cannot be read."""
+    if not path.is_file():
+        return False
+    query = "SELECT 1 FROM runs WHERE run_uuid = ? AND lifecycle_stage = 'active'"
+    rows = _read_sqlite(path, query, (run_id,))
+    return None if rows is None else bool(rows)

@@ -26,10 +26,17 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
 from pipeline.params import MAX_SEED, MIN_TEMPERATURE, SampleParams
+from pipeline.params import _build_section as build_section
 
 # The lecture starts generation from token 0, a newline; an empty prompt does the same.
 START_CHAR = "\n"
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+# Bounds on one request of the served model besides sample.max_chars. Each row costs about a
+# millisecond whatever its length (the probability table is built per row), so 100,000 short
+# rows took 57 s and hit the scoring server's 60-s time-out; 1,000 rows answer in a few seconds
+# on a busy 2-core machine. Prompts are echoed, not generated, so they are bounded apart.
+MAX_REQUEST_ROWS = 1_000
+MAX_PROMPT_CHARS = 1_000_000
 
 
 def write_sampling_defaults(sample: SampleParams, directory: Path) -> Path:
@@ -39,7 +46,16 @@ def write_sampling_defaults(sample: SampleParams, directory: Path) -> Path:
 
 
 def read_sampling_defaults(path: Path) -> SampleParams:
-    return SampleParams(**json.loads(path.read_text(encoding="utf-8")))
+    """The sampling defaults stored with a model, checked as params.yaml's sample section is:
+    they bound what a request may ask (sample.max_chars), so a model file must not lift that."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PipelineError(f"{path} is not a file of sampling defaults ({reason})") from None
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path} is not a file of sampling defaults (not a JSON object)")
+    return build_section(SampleParams, "sample", values, path)
 
 
 @dataclass(frozen=True)
@@ -145,13 +161,30 @@ def checked_request(
     return Request(prompt, chars, float(temperature), checked_seed)
 
 
+def check_row_count(rows: int) -> None:
+    """Bound the rows of a request before any row is read: checking alone costs per row."""
+    if rows > MAX_REQUEST_ROWS:
+        raise PipelineError(
+            f"{rows:,} rows in one request, above the limit of {MAX_REQUEST_ROWS:,} rows "
+            "(pipeline.textgen.MAX_REQUEST_ROWS); split the request"
+        )
+
+
 def check_total(requests: Sequence[Request], max_chars: int) -> None:
     """Bound a batch as a whole: many rows of max_chars each would be one huge request."""
+    check_row_count(len(requests))
     total = sum(request.num_chars for request in requests)
     if total > max_chars:
         raise PipelineError(
             f"{total:,} characters requested in {len(requests)} rows, above the limit "
             f"sample.max_chars = {max_chars:,} per request; ask for fewer or split the request"
+        )
+    prompt_chars = sum(len(request.prompt) for request in requests)
+    if prompt_chars > MAX_PROMPT_CHARS:
+        raise PipelineError(
+            f"prompts of {prompt_chars:,} characters in {len(requests)} rows, above the limit "
+            f"of {MAX_PROMPT_CHARS:,} (pipeline.textgen.MAX_PROMPT_CHARS); a bigram model only "
+            "reads a prompt's last character, so shorten the prompts or split the request"
         )
 
 

@@ -26,16 +26,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from pipeline.errors import PipelineError, StageInterrupted
-from pipeline.files import file_sha256, process_is_alive
+from pipeline.files import file_sha256
 from pipeline.params import Params
 from pipeline.paths import MANIFEST_PATH, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH
 from pipeline.secrets import masked
 from pipeline.store import (
     HOST_TAG,
     PID_TAG,
+    PROCESS_TAG,
     connect,
     first_line,
     process_tags,
+    run_process_has_gone,
     shown_uri,
     tracking_uri,
 )
@@ -84,10 +86,12 @@ def git_commit() -> str:
 
 
 def end_runs_of_dead_processes(experiment_id: str) -> None:
-    """End KILLED the runs that stages on this machine left RUNNING when they died unhandled.
+    """End KILLED the runs that stages on this machine left RUNNING when they died unhandled,
+    and mark FAILED the models they were logging.
 
     SIGKILL, the out-of-memory killer or a power cut give a stage no chance to end its run;
-    the next stage finds such runs by the host and process id tagged on them.
+    the next stage finds such runs by the host, process id and process identity tagged on them
+    (store.run_process_has_gone: a live run of another container of the same host name stays).
     """
     client = MlflowClient()
     host = socket.gethostname()
@@ -96,9 +100,11 @@ def end_runs_of_dead_processes(experiment_id: str) -> None:
         filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
     )
     for run in left_running:
-        pid = run.data.tags.get(PID_TAG, "")
-        if pid.isdigit() and not process_is_alive(int(pid)):
+        tags = run.data.tags
+        if run_process_has_gone(tags.get(PID_TAG, ""), tags.get(PROCESS_TAG)):
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            # A model the killed stage was logging would stay PENDING for ever.
+            remove_unfinished_models(experiment_id, run.info.run_id)
 
 
 @contextlib.contextmanager
@@ -154,6 +160,16 @@ def find_run(experiment_id: str, stage: str, tag: str, value: str) -> str | None
         max_results=1,
     )
     return found[0].info.run_id if found else None
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether the store holds the run, not deleted (a store replaced or wiped no longer does)."""
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
 
 
 def training_run_id(params: Params, model_sha256: str) -> str:

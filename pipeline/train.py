@@ -23,10 +23,10 @@ from tqdm import tqdm
 from pipeline import reproducibility, runrecord, serving, tracking
 from pipeline.cli import stage_entry_point
 from pipeline.counts import bigram_counts
-from pipeline.data import load_tokens, load_vocab, to_device_tokens
+from pipeline.data import load_encoded_corpus, to_device_tokens
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
 from pipeline.model import BigramLanguageModel, save_model
-from pipeline.params import TrainParams, load_params
+from pipeline.params import Params, TrainParams, check_block_size, load_params
 from pipeline.paths import (
     LOSS_CURVE_PATH,
     MANIFEST_FIELDS,
@@ -37,18 +37,30 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
-from pipeline.training import check_block_size, exact_losses, fit, resolve_device
+from pipeline.training import (
+    check_losses_finite,
+    exact_losses,
+    fit,
+    out_of_memory_as_error,
+    resolve_device,
+)
 
 
-def load_splits(device: torch.device, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The train and val tokens on the device, and their bigram counts."""
+def load_splits(
+    device: torch.device, max_vocab_size: int
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The vocabulary; the train and val tokens on the device, and their bigram counts."""
+    vocab, (train_tokens, val_tokens) = load_encoded_corpus(
+        VOCAB_PATH, (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH), max_vocab_size
+    )
+    vocab_size = len(vocab)
     splits = {
-        "train_tokens": to_device_tokens(load_tokens(TRAIN_TOKENS_PATH), device),
-        "val_tokens": to_device_tokens(load_tokens(VAL_TOKENS_PATH), device),
+        "train_tokens": to_device_tokens(train_tokens, device),
+        "val_tokens": to_device_tokens(val_tokens, device),
     }
     splits["train_counts"] = bigram_counts(splits["train_tokens"], vocab_size)
     splits["val_counts"] = bigram_counts(splits["val_tokens"], vocab_size)
-    return splits
+    return vocab, splits
 
 
 def train_model(
@@ -68,6 +80,7 @@ def train_model(
 
     def on_eval(step: int) -> None:
         train_loss, val_loss = exact_losses(model, splits["train_counts"], splits["val_counts"])
+        check_losses_finite(step, train_loss, val_loss, config)
         curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
         if step < config.max_iters:
             tracking.log_losses(curve[-1], datasets)
@@ -89,11 +102,16 @@ def save_outputs(model: BigramLanguageModel, curve: list[dict]) -> None:
 def main() -> None:
     reproducibility.pin_threads()
     params = load_params()
+    # A failed allocation anywhere in training (counts, batches, optimizer state) is one line.
+    with out_of_memory_as_error(params.train):
+        train_and_log(params)
+
+
+def train_and_log(params: Params) -> None:
     config = params.train
     corpus_sha256 = read_json(MANIFEST_PATH, MANIFEST_FIELDS)["corpus_sha256"]
-    vocab = load_vocab(VOCAB_PATH)
     device = resolve_device(config.device)
-    splits = load_splits(device, len(vocab))
+    vocab, splits = load_splits(device, params.data.max_vocab_size)
     check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
     datasets = tracking.training_datasets(params, corpus_sha256)
     torch.manual_seed(config.seed)

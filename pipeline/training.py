@@ -12,8 +12,11 @@ batch's loss computed in closed form instead of by backward().
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -45,15 +48,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_block_size(block_size: int, num_train: int, num_val: int) -> None:
-    shortest = min(num_train, num_val)
-    if block_size >= shortest:
-        raise PipelineError(
-            f"param 'train.block_size' must be shorter than the smaller split ({shortest} tokens), "
-            f"got {block_size}; lower it or use a longer corpus"
-        )
-
-
 @torch.no_grad()
 def exact_losses(
     model: BigramLanguageModel, train_counts: torch.Tensor, val_counts: torch.Tensor
@@ -63,6 +57,59 @@ def exact_losses(
     return (
         bigram_loss_from_counts(weights, train_counts).item(),
         bigram_loss_from_counts(weights, val_counts).item(),
+    )
+
+
+def check_losses_finite(step: int, train_loss: float, val_loss: float, config: TrainParams) -> None:
+    """Stop a run whose loss is no longer a number where it diverged, at its first eval point
+    past it: a NaN model must not be saved, logged or registered, and NaN is not valid JSON."""
+    if math.isfinite(train_loss) and math.isfinite(val_loss):
+        return
+    if config.method == "minibatch":
+        fix = f"lower train.lr (now {config.lr:g}) and rerun"
+    else:  # L-BFGS takes its own step size: a non-finite loss there is not a param's doing.
+        fix = "train.method: counts does not use train.lr; try train.method: minibatch"
+    raise PipelineError(
+        f"training diverged: at step {step} the train loss is {train_loss} and the val loss "
+        f"{val_loss}; {fix}; no model was saved or registered"
+    )
+
+
+# What a failed allocation looks like: CUDA's and MPS's errors, and the CPU allocator's
+# RuntimeError (malloc failed, under a memory limit or with overcommit off).
+OUT_OF_MEMORY_MARKERS = ("DefaultCPUAllocator: can't allocate memory", "out of memory")
+ALLOCATION_SIZE = re.compile(r"(?:tried to allocate|Tried to allocate) ([\d.]+ ?[A-Za-z]+)")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(config: TrainParams) -> Iterator[None]:
+    """An allocation that fails while training becomes one line naming the params that size
+    it, instead of an allocator traceback. Other RuntimeErrors are bugs and stay as they are."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.OutOfMemoryError is one.
+        message = str(error)
+        if not isinstance(error, torch.OutOfMemoryError) and not any(
+            marker in message for marker in OUT_OF_MEMORY_MARKERS
+        ):
+            raise
+        raise PipelineError(out_of_memory_message(message, config)) from None
+
+
+def out_of_memory_message(message: str, config: TrainParams) -> str:
+    size = ALLOCATION_SIZE.search(message)
+    tried = f" (could not allocate {size.group(1)})" if size else ""
+    if config.method == "minibatch":
+        shrink = (
+            f"lower train.batch_size or train.block_size (now {config.batch_size:,} x "
+            f"{config.block_size:,} = {config.batch_size * config.block_size:,} tokens per batch)"
+        )
+    else:
+        shrink = "use train.method: minibatch (L-BFGS keeps 20 V x V tables of history)"
+    device = "" if config.device == "cpu" else ", or set train.device: cpu"
+    return (
+        f"out of memory while training{tried}: {shrink}, or train on a corpus with fewer "
+        f"distinct characters (data.max_vocab_size bounds them){device}; no model was saved"
     )
 
 

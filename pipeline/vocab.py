@@ -26,7 +26,7 @@ from pipeline.files import (
     read_json,
     write_json,
 )
-from pipeline.params import load_params
+from pipeline.params import check_vocab_size, load_params, split_sizes
 from pipeline.paths import (
     CORPUS_PATH,
     DOWNLOAD_INFO_FIELDS,
@@ -78,18 +78,15 @@ def count_characters(path: Path, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     return counts
 
 
-def check_vocab_size(vocab_size: int, max_vocab_size: int) -> None:
-    """Refuse a vocabulary whose V x V tables (train, evaluate) would not fit in memory.
-
-    Checked here, before any later stage allocates one: 20,992 characters (the CJK block) would
-    need 3.5 GB per float64 table, and the train stage holds several at once.
-    """
-    if vocab_size > max_vocab_size:
-        table_gb = 8 * vocab_size**2 / 1e9
+def check_distinct_characters(chars: list[str], path: Path) -> None:
+    """Refuse a corpus of one distinct character here, where the fix is the corpus: a bigram
+    model chooses the next character among V, so it needs V >= 2, and no later stage could
+    make a usable model of it."""
+    if len(chars) < 2:
         raise PipelineError(
-            f"the corpus has {vocab_size:,} distinct characters, above data.max_vocab_size = "
-            f"{max_vocab_size:,}; raise it in params.yaml (each {vocab_size:,} x {vocab_size:,} "
-            f"count table takes {table_gb:.1f} GB, and training holds several)"
+            f"{path} holds a single distinct character ({chars[0]!r}): a bigram model needs at "
+            "least 2; train on another corpus: point data.url and data.sha256 at it (or "
+            "BIGRAM_CORPUS_URL, which overrides data.url)"
         )
 
 
@@ -151,16 +148,8 @@ def main() -> None:
         counts = count_characters(CORPUS_PATH)
         chars = [chr(code) for code in np.flatnonzero(counts)]
         check_vocab_size(len(chars), params.data.max_vocab_size)
-        num_tokens = int(counts.sum())
-        if num_tokens < 2:
-            raise PipelineError(f"{CORPUS_PATH} holds {num_tokens} characters: it needs at least 2")
-        num_train = int(params.data.train_fraction * num_tokens)
-        num_val = num_tokens - num_train
-        if num_train < 2 or num_val < 2:
-            raise PipelineError(
-                f"{CORPUS_PATH} is too short ({num_tokens} characters) to split with "
-                f"data.train_fraction = {params.data.train_fraction}: each split needs 2 or more"
-            )
+        num_train, num_val = split_sizes(int(counts.sum()), params.data.train_fraction, CORPUS_PATH)
+        check_distinct_characters(chars, CORPUS_PATH)
         encode_split(CORPUS_PATH, chars, num_train, num_val, TRAIN_TOKENS_PATH, VAL_TOKENS_PATH)
         write_json(VOCAB_PATH, {"chars": chars})
         mlflow.log_metrics(

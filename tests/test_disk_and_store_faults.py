@@ -8,6 +8,7 @@ root pass them), files truncated or emptied on disk.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from pipeline.cli import disk_full_message
+from pipeline.errors import disk_full_cause
 from testbed import (
     assert_one_line_error,
     files_in,
@@ -117,6 +120,57 @@ def test_a_file_size_limit_during_download_is_a_full_disk_not_a_broken_transfer(
     assert "broke off" not in result.stderr
     assert (repo / "data/raw/input.txt").read_bytes() == before
     assert files_in(repo / "data/raw") == ["download.json", "input.txt"]
+
+
+def code_tree(root: Path) -> Path:
+    """A package to copy, as MLflow copies a logged model's code: a subdirectory, a large file."""
+    (root / "pipeline").mkdir(parents=True)
+    (root / "pipeline" / "__init__.py").write_text("")
+    (root / "pipeline" / "model.py").write_bytes(b"#" * 200_000)
+    return root
+
+
+def test_a_full_disk_inside_shutils_list_of_copy_errors_is_found(tmp_path):
+    """shutil.copytree, which MLflow copies a model's code into TMPDIR with, gathers each file's
+    OSError as text into one shutil.Error: the ENOSPC is in its list, not on the chain."""
+    source = code_tree(tmp_path / "code")
+    with full_file_system(tmp_path / "tmp", free_bytes=0) as full:
+        with pytest.raises(shutil.Error) as raised:
+            shutil.copytree(source, full / "model" / "code")
+        target = full / "model/code/pipeline/model.py"
+
+        found = disk_full_cause(raised.value)
+
+        assert found is not None and found.errno == errno.ENOSPC
+        assert disk_full_message(found).startswith(
+            f"cannot write {target} (No space left on device): free space"
+        )
+
+
+# Copies a tree under a file size limit and prints what disk_full_cause found in the error.
+COPY_UNDER_A_SIZE_LIMIT = """
+import shutil, sys
+from pipeline.errors import disk_full_cause
+try:
+    shutil.copytree(sys.argv[1], sys.argv[2])
+except shutil.Error as error:
+    found = disk_full_cause(error)
+    print("none" if found is None else f"{found.errno} {found.filename}")
+"""
+
+
+def test_a_file_size_limit_inside_shutils_list_of_copy_errors_is_found(tmp_path):
+    """The same where mounting is not allowed: RLIMIT_FSIZE makes the copy fail with EFBIG."""
+    source = code_tree(tmp_path / "code")
+    copied = subprocess.run(
+        [sys.executable, "-c", COPY_UNDER_A_SIZE_LIMIT, str(source), str(tmp_path / "copy")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=file_size_limit(1 << 16),
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert copied.stdout.split() == [str(errno.EFBIG), str(tmp_path / "copy/pipeline/model.py")]
 
 
 # The MLflow store --------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""Download faults: unreachable sources, HTTP errors, bad checksums and killed transfers.
+"""Download faults: unreachable sources, HTTP errors, bad checksums, killed transfers, sources
+that would wait without end (a FIFO, a device, a server that drips), loops (of symlinks, of
+redirects) and redirects that would carry a password to another origin.
 
 Real HTTP servers and sockets on 127.0.0.1 play the faulty source; the download code is the
 stage's own, called directly where only its result matters and as the stage process where the
@@ -11,25 +13,32 @@ import collections
 import contextlib
 import hashlib
 import http.server
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pipeline import store
 from pipeline.download import (
     BACKOFF_ENV,
+    DEADLINE_ENV,
+    MAX_BYTES_ENV,
     TIMEOUT_ENV,
     download_verified,
     open_with_retries,
     retry_delays,
-    seconds_from_env,
+    settings_from_env,
 )
 from pipeline.errors import PipelineError
+from pipeline.secrets import basic_auth_header
 from testbed import (
     CORPUS_SHA256,
     assert_one_line_error,
@@ -38,29 +47,51 @@ from testbed import (
     mlflow_runs,
     run_stage,
     run_statuses,
+    update_params,
 )
 
 FAST_RETRIES = (0.01, 0.01, 0.01)
 WRONG_BODY = b"To be, or not to be: that is not the corpus.\n"
 SENT_BEFORE_STALL = 64 * 1024
+# A dripping source sends a byte this often, well inside any time-out per read.
+DRIP_INTERVAL_S = 0.05
+# What an endless source sends at most before it stops by itself.
+ENDLESS_BYTES = 256 << 20
 
 
 class FaultyHandler(http.server.BaseHTTPRequestHandler):
     """/status/<code> answers that status; /wrong a short wrong corpus; /partial/<n> announces
-    the whole corpus, sends n bytes and hangs up; /stall/<n> sends n bytes, then stalls."""
+    the whole corpus, sends n bytes and hangs up; /stall/<n> sends n bytes, then stalls;
+    /drip sends the corpus a byte at a time, /drip-headers its headers; /endless sends zeros
+    with no Content-Length; /redirect?to=<url> answers 302 to url, /loop to itself;
+    /input.txt is the corpus, /health OK. Every request's headers are kept in server.seen."""
 
     def do_GET(self):
         server = self.server
         server.requests[self.path] += 1
-        kind, _, arg = self.path.strip("/").partition("/")
+        server.seen.append((self.path, dict(self.headers)))
+        parts = urllib.parse.urlsplit(self.path)
+        kind, _, arg = parts.path.strip("/").partition("/")
+        if kind in ("redirect", "loop"):
+            target = urllib.parse.parse_qs(parts.query)["to"][0] if kind == "redirect" else "/loop"
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if kind == "status":
             self.send_error(int(arg))
             return
-        body = WRONG_BODY if kind == "wrong" else server.corpus
+        if kind in ("drip", "drip-headers", "endless"):
+            with contextlib.suppress(OSError):  # the client gave up
+                getattr(self, kind.replace("-", "_"))(server)
+            self.close_connection = True
+            return
+        body = {"wrong": WRONG_BODY, "health": b"OK"}.get(kind, server.corpus)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if kind == "wrong":
+        if kind in ("wrong", "health", "input.txt"):
             self.wfile.write(body)
             return
         self.wfile.write(body[: int(arg)])
@@ -70,24 +101,65 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
             server.release.wait(timeout=120)
         self.close_connection = True
 
+    def drip_bytes(self, server, data: bytes) -> None:
+        """Send data a byte at a time; stops when the client or the fixture gives up."""
+        for byte in data:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            if server.release.wait(DRIP_INTERVAL_S):
+                return
+
+    def drip(self, server):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(server.corpus)))
+        self.end_headers()
+        self.drip_bytes(server, server.corpus[:400])
+
+    def drip_headers(self, server):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        self.drip_bytes(server, b"." * 400)
+
+    def endless(self, server):
+        self.send_response(200)
+        self.end_headers()
+        zeros = bytes(1 << 20)
+        for _ in range(ENDLESS_BYTES // len(zeros)):
+            self.wfile.write(zeros)
+
     def log_message(self, format, *args):
         pass
 
 
-@pytest.fixture
-def faulty_server(shakespeare_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
+@contextlib.contextmanager
+def start_faulty_server(corpus: bytes) -> Iterator[http.server.ThreadingHTTPServer]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FaultyHandler)
     server.daemon_threads = True
-    server.corpus = shakespeare_corpus.read_bytes()
+    server.corpus = corpus
     server.requests = collections.Counter()
+    server.seen = []
     server.sent, server.release = threading.Event(), threading.Event()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
+    try:
+        yield server
+    finally:
+        server.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def faulty_server(shakespeare_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
+    with start_faulty_server(shakespeare_corpus.read_bytes()) as server:
+        yield server
+
+
+@pytest.fixture
+def other_server(shakespeare_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A second server, on another port: another origin, where a redirect may lead."""
+    with start_faulty_server(shakespeare_corpus.read_bytes()) as server:
+        yield server
 
 
 @pytest.fixture
@@ -140,25 +212,197 @@ def test_retry_pauses_double():
     assert retry_delays(1.0) == (1.0, 2.0, 4.0)
 
 
-@pytest.mark.parametrize("source", ["{tmp}/missing.txt", "file://{tmp}/missing.txt", "{tmp}"])
+@pytest.mark.parametrize("source", ["{tmp}/missing.txt", "file://{tmp}/missing.txt"])
 def test_a_missing_local_source_is_named_without_retries(tmp_path, source):
     source = source.format(tmp=tmp_path)
     message = open_error(source)
     assert f"corpus source {source} cannot be read" in message and "BIGRAM_CORPUS_URL" in message
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "-1", "nan"])
-def test_network_settings_must_be_positive_seconds(monkeypatch, text):
-    monkeypatch.setenv(TIMEOUT_ENV, text)
-    with pytest.raises(PipelineError, match=f"{TIMEOUT_ENV} must be a number of seconds > 0"):
-        seconds_from_env(TIMEOUT_ENV, 30.0)
+def error_within(seconds: float, function, *args) -> str:
+    """The PipelineError function(*args) raises, which must come within seconds (in a thread,
+    so that a call that blocks fails the test instead of hanging it)."""
+    outcome: list[BaseException | None] = []
+    thread = threading.Thread(target=lambda: outcome.append(raised_by(function, *args)))
+    thread.daemon = True
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} still waits after {seconds} s"
+    assert isinstance(outcome[0], PipelineError), outcome[0]
+    return str(outcome[0])
+
+
+def raised_by(function, *args) -> BaseException | None:
+    try:
+        function(*args)
+    except BaseException as error:
+        return error
+    return None
+
+
+@contextlib.contextmanager
+def not_a_regular_file(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A real FIFO, device, directory or socket to give as the corpus."""
+    if kind == "character device":
+        yield "/dev/zero"  # never ends
+        return
+    path = tmp_path / kind.replace(" ", "-")
+    if kind == "directory":
+        path.mkdir()
+        yield str(path)
+        return
+    if kind == "socket":
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            yield str(path)
+        return
+    os.mkfifo(path)
+    try:
+        yield str(path)
+    finally:
+        # Were a reader blocked in open(), a writer that comes and goes releases it.
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.parametrize("kind", ["FIFO", "character device", "directory", "socket"])
+@pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
+def test_a_local_source_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind, as_url):
+    with not_a_regular_file(kind, tmp_path) as path:
+        source = Path(path).as_uri() if as_url else path
+        message = error_within(5, open_with_retries, source, 5.0, FAST_RETRIES)
+    assert f"corpus source {source} is a {kind}" in message, message
+    assert "not a regular file" in message and "BIGRAM_CORPUS_URL" in message
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["path", "file-url"])
+def test_a_symlink_loop_is_named_as_such_not_as_unreachable(tmp_path, as_url):
+    (tmp_path / "a.txt").symlink_to(tmp_path / "b.txt")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    source = (tmp_path / "a.txt").as_uri() if as_url else str(tmp_path / "a.txt")
+    message = open_error(source)
+    assert f"corpus source {source} is a symlink loop" in message, message
+    assert "unreachable" not in message and "offline" not in message
+
+
+def test_a_redirect_loop_is_one_line_naming_the_url(faulty_server):
+    url = f"{faulty_server.url}/loop"
+    message = open_error(url)
+    assert f"corpus source {url} redirects in a loop (HTTP 302" in message
+    assert "\n" not in message and "BIGRAM_CORPUS_URL" in message
+
+
+PASSWORD = "pw-never-elsewhere"
+
+
+def authorizations(server) -> list[str | None]:
+    """The Authorization header of each request the server got (None where it had none)."""
+    return [headers.get("Authorization") for _, headers in server.seen]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["{other}/input.txt", "http://localhost:{port}/input.txt"],
+    ids=["another-port", "another-host"],
+)
+def test_credentials_do_not_follow_a_redirect_to_another_origin(
+    faulty_server, other_server, tmp_path, target
+):
+    """A mirror with a password answers 302 to another origin, which must not get it.
+
+    urllib's redirect handler copies every header to the new URL, Authorization included."""
+    destination = other_server if target.startswith("{other}") else faulty_server
+    target = target.format(other=other_server.url, port=faulty_server.server_address[1])
+    host = faulty_server.url.removeprefix("http://")
+    source = f"http://reader:{PASSWORD}@{host}/redirect?{urllib.parse.urlencode({'to': target})}"
+
+    size = download_verified(source, CORPUS_SHA256, tmp_path / "input.txt", timeout_s=5)
+
+    assert size == 1_115_394, "the redirect itself is followed"
+    sent = basic_auth_header("reader", PASSWORD)["Authorization"]
+    assert faulty_server.seen[0][1].get("Authorization") == sent, "the origin named gets it"
+    landed = [headers for path, headers in destination.seen if path == "/input.txt"]
+    assert len(landed) == 1 and "Authorization" not in landed[0], landed
+
+
+def test_credentials_follow_a_redirect_within_their_origin(faulty_server, tmp_path):
+    host = faulty_server.url.removeprefix("http://")
+    source = f"http://reader:{PASSWORD}@{host}/redirect?to=/input.txt"
+    download_verified(source, CORPUS_SHA256, tmp_path / "input.txt", timeout_s=5)
+    sent = basic_auth_header("reader", PASSWORD)["Authorization"]
+    assert authorizations(faulty_server) == [sent, sent]
+
+
+def test_the_tracking_server_probe_keeps_credentials_at_their_origin(
+    faulty_server, other_server, monkeypatch
+):
+    """The tracking server answers the probe with 302 to another server, which must not get them."""
+    monkeypatch.setenv(store.USERNAME_ENV, "reader")
+    monkeypatch.setenv(store.PASSWORD_ENV, PASSWORD)
+    target = urllib.parse.urlencode({"to": f"{other_server.url}/health"})
+    # The probe appends its API path to the URI: this query takes that suffix as a field.
+    store._probe_server(f"{faulty_server.url}/redirect?{target}&path=")
+    sent = basic_auth_header("reader", PASSWORD)["Authorization"]
+    assert authorizations(faulty_server) == [sent]
+    assert authorizations(other_server) == [None]
+
+
+@pytest.mark.parametrize("what", ["drip", "drip-headers"])
+def test_a_source_that_drips_stops_at_the_deadline_of_the_whole_download(
+    faulty_server, tmp_path, what
+):
+    """A byte every 50 ms never trips the time-out of one read (5 s): the deadline does."""
+    output = tmp_path / "raw/input.txt"
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as raised:
+        download_verified(
+            f"{faulty_server.url}/{what}", CORPUS_SHA256, output, timeout_s=5, deadline_s=0.5
+        )
+    assert time.monotonic() - started < 3
+    assert f"did not finish within {DEADLINE_ENV} = 0.5 s" in str(raised.value)
+    assert files_in(output.parent) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (TIMEOUT_ENV, "abc"),
+        (TIMEOUT_ENV, "0"),
+        (TIMEOUT_ENV, "-1"),
+        (TIMEOUT_ENV, "nan"),
+        (TIMEOUT_ENV, "1e308"),  # was an OverflowError from the socket
+        (TIMEOUT_ENV, "3601"),
+        (BACKOFF_ENV, "1000000000"),  # was a billion seconds of sleep
+        (BACKOFF_ENV, "inf"),
+        (DEADLINE_ENV, "86401"),
+        (DEADLINE_ENV, "0"),
+    ],
+)
+def test_network_settings_must_be_seconds_in_their_range(monkeypatch, name, text):
+    monkeypatch.setenv(name, text)
+    with pytest.raises(PipelineError, match=f"{name} must be a number of seconds > 0 and <= "):
+        settings_from_env()
+
+
+@pytest.mark.parametrize("text", ["9" * 5000, str((1 << 40) + 1)])
+def test_the_size_cap_has_an_upper_bound(monkeypatch, text):
+    monkeypatch.setenv(MAX_BYTES_ENV, text)
+    with pytest.raises(PipelineError, match=f"{MAX_BYTES_ENV} must be a whole number of bytes"):
+        settings_from_env()
 
 
 def test_network_settings_default_and_override(monkeypatch):
-    monkeypatch.delenv(BACKOFF_ENV, raising=False)
-    assert seconds_from_env(BACKOFF_ENV, 1.0) == 1.0
-    monkeypatch.setenv(BACKOFF_ENV, "0.25")
-    assert seconds_from_env(BACKOFF_ENV, 1.0) == 0.25
+    for name in (TIMEOUT_ENV, BACKOFF_ENV, DEADLINE_ENV, MAX_BYTES_ENV):
+        monkeypatch.delenv(name, raising=False)
+    defaults = settings_from_env()
+    assert (defaults.timeout_s, defaults.retry_delays_s) == (30.0, (1.0, 2.0, 4.0))
+    assert (defaults.deadline_s, defaults.max_bytes) == (600.0, 1 << 30)
+    monkeypatch.setenv(BACKOFF_ENV, "60")
+    monkeypatch.setenv(TIMEOUT_ENV, "3600")
+    monkeypatch.setenv(DEADLINE_ENV, "0.25")
+    settings = settings_from_env()
+    assert settings.retry_delays_s == (60.0, 120.0, 240.0) and settings.timeout_s == 3600
+    assert settings.deadline_s == 0.25
 
 
 def test_a_verified_download_leaves_no_temporary_file(corpus_url, tmp_path):
@@ -265,3 +509,52 @@ def test_a_download_killed_mid_transfer_leaves_nothing_and_the_next_run_succeeds
     statuses = run_statuses(repo)
     assert statuses[killed_run.info.run_id] == "KILLED", "the next stage ends the killed run"
     assert "RUNNING" not in statuses.values()
+
+
+def test_the_download_stage_stops_a_dripping_source_at_its_deadline(download_repo, faulty_server):
+    repo, env = download_repo
+    env.update({"BIGRAM_CORPUS_URL": f"{faulty_server.url}/drip", DEADLINE_ENV: "1"})
+
+    result = run_stage("download", repo, env, timeout=60)
+
+    assert_one_line_error(result, f"did not finish within {DEADLINE_ENV} = 1 s", "/drip")
+    assert files_in(repo / "data/raw") == []
+    assert newest_run(repo).info.status == "FAILED"
+
+
+def test_the_download_stage_refuses_a_fifo_at_once(download_repo, tmp_path):
+    repo, env = download_repo
+    with not_a_regular_file("FIFO", tmp_path) as fifo:
+        env["BIGRAM_CORPUS_URL"] = fifo
+        # Before, open() waited for a writer for ever: run_stage's time-out fails the test.
+        result = run_stage("download", repo, env, timeout=60)
+    assert_one_line_error(result, f"corpus source {fifo} is a FIFO (named pipe)")
+    assert files_in(repo / "data/raw") == []
+
+
+def test_a_checksum_mismatch_says_that_the_mirror_variable_overrides_data_url(
+    prepared_copy, tmp_path
+):
+    """Offline, BIGRAM_CORPUS_URL still exported (as the README says) wins over one's own text."""
+    repo, env = prepared_copy
+    own = tmp_path / "own.txt"
+    own.write_text("My own text, not Shakespeare's.\n" * 100)
+    update_params(
+        repo, data={"url": str(own), "sha256": hashlib.sha256(own.read_bytes()).hexdigest()}
+    )
+    before = (repo / "data/raw/input.txt").read_bytes()
+    assert env["BIGRAM_CORPUS_URL"]
+
+    overridden = run_stage("download", repo, env)
+
+    assert_one_line_error(
+        overridden,
+        f"has sha256 {CORPUS_SHA256}",
+        f"BIGRAM_CORPUS_URL is set and overrides data.url ({own})",
+        "`unset BIGRAM_CORPUS_URL`",
+    )
+    assert (repo / "data/raw/input.txt").read_bytes() == before
+    del env["BIGRAM_CORPUS_URL"]
+    unset = run_stage("download", repo, env)
+    assert unset.returncode == 0, unset.stderr
+    assert (repo / "data/raw/input.txt").read_bytes() == own.read_bytes()

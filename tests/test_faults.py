@@ -8,6 +8,8 @@ the checks are those a user sees: exit status, one `error:` line, output files, 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
@@ -46,8 +49,14 @@ from testbed import (
         ),
         (b"", "data/raw/input.txt holds 0 characters: it needs at least 2"),
         (b"ab", "data/raw/input.txt is too short (2 characters) to split with data.train_fraction"),
+        # The vocab stage used to accept it, and train to refuse it with a fix that rebuilt it.
+        (
+            b"a" * 1000,
+            "data/raw/input.txt holds a single distinct character ('a'): a bigram model needs at "
+            "least 2; train on another corpus: point data.url and data.sha256 at it",
+        ),
     ],
-    ids=["not-utf8", "empty", "too-short-to-split"],
+    ids=["not-utf8", "empty", "too-short-to-split", "one-distinct-character"],
 )
 def test_the_vocab_stage_rejects_a_bad_corpus(prepared_copy, corpus, expected):
     repo, env = prepared_copy
@@ -161,6 +170,165 @@ def test_ctrl_c_during_dvc_repro_ends_the_run_killed_and_the_next_repro_succeeds
     statuses = run_statuses(repo)
     assert statuses[killed.info.run_id] == "KILLED" and "RUNNING" not in statuses.values()
     assert [found.info.status for found in train_runs(repo)] == ["KILLED", "FINISHED"]
+
+
+# Training that goes wrong ------------------------------------------------------------------
+
+# AdamW's weight decay (0.01) scales the table by 1 - lr * 0.01 = -9 each step at lr 1000: it
+# overflows float32 within 50 steps, so the loss is NaN at step 100, the first eval after 0.
+DIVERGING_LR = 1000.0
+
+
+def test_training_that_diverges_fails_at_its_first_non_finite_eval_point(prepared_copy):
+    repo, env = prepared_copy
+    update_params(repo, train={"lr": DIVERGING_LR})
+    metrics_before = (repo / "data/evaluate/metrics.json").read_bytes()
+
+    result = run_stage("train", repo, env)
+
+    assert_one_line_error(
+        result,
+        "training diverged: at step 100 the train loss is nan",
+        "lower train.lr (now 1000)",
+        "no model was saved or registered",
+    )
+    assert "step 0:" in result.stdout and "step 100:" not in result.stdout
+    assert files_in(repo / "data/train") == [], "no model.pt, no curve, no run.json"
+    assert (repo / "data/evaluate/metrics.json").read_bytes() == metrics_before
+    [failed] = train_runs(repo)
+    assert failed.info.status == "FAILED"
+    assert all(math.isfinite(value) for value in failed.data.metrics.values())
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    assert client.search_logged_models([failed.info.experiment_id]) == []
+    assert client.search_model_versions() == [], "no version, so no @challenger alias either"
+
+
+def test_a_model_with_non_finite_weights_gives_no_metrics(prepared_copy):
+    repo, env = prepared_copy
+    metrics_before = (repo / "data/evaluate/metrics.json").read_bytes()
+    diverged = BigramLanguageModel(65)
+    with torch.no_grad():
+        diverged.token_embedding_table.weight[3, 5] = math.nan
+    model_path = repo / "data/train/model.pt"
+    model_path.parent.mkdir()
+    torch.save(diverged.state_dict(), model_path)
+    runs_before = run_statuses(repo)
+
+    result = run_stage("evaluate", repo, env)
+
+    assert_one_line_error(
+        result, "data/train/model.pt gives train_loss nan", "rerun `dvc repro train`"
+    )
+    assert (repo / "data/evaluate/metrics.json").read_bytes() == metrics_before
+    assert run_statuses(repo) == runs_before
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_json_outputs_refuse_nan_and_infinity_and_keep_the_previous_file(tmp_path, value):
+    metrics = tmp_path / "metrics.json"
+    write_json(metrics, {"val_loss": 2.5})
+    previous = metrics.read_bytes()
+
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_json(metrics, {"val_loss": value})
+
+    assert metrics.read_bytes() == previous and json.loads(previous) == {"val_loss": 2.5}
+    assert files_in(tmp_path) == ["metrics.json"], "no temporary file left"
+
+
+# Runs the train stage as `python -m pipeline.train` does, with its address space capped
+# (RLIMIT_AS) at what its modules take plus argv[1] bytes: past that, malloc fails, which the
+# CPU allocator reports as "DefaultCPUAllocator: can't allocate memory".
+MEMORY_CAPPED_TRAIN = """
+import resource, runpy, sys
+import pipeline.train
+sys.modules.pop("pipeline.train")  # Its imports stay loaded; runpy runs it afresh as __main__.
+with open("/proc/self/status") as status:
+    size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = ["pipeline.train"]
+runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)
+"""
+# Enough for the stage to start its run and train on small batches (it takes about 300 MB past
+# its imports), far from the 800 MB more a batch of 16,777,216 tokens takes.
+TRAINING_HEADROOM_BYTES = 640 << 20
+
+
+def test_an_out_of_memory_in_training_names_the_params_to_shrink(prepared_copy):
+    repo, env = prepared_copy
+    # The largest batch the params allow: 2,097,152 x 8 tokens.
+    update_params(repo, train={"batch_size": 2_097_152, "block_size": 8, "device": "cpu"})
+
+    result = run(
+        [sys.executable, "-c", MEMORY_CAPPED_TRAIN, str(TRAINING_HEADROOM_BYTES)],
+        repo,
+        env,
+        check=False,
+        timeout=300,
+    )
+
+    assert_one_line_error(
+        result,
+        "out of memory while training (could not allocate ",
+        "lower train.batch_size or train.block_size (now 2,097,152 x 8 = 16,777,216 tokens",
+        "data.max_vocab_size",
+    )
+    assert "step 0:" in result.stdout, "the stage got as far as training"
+    assert files_in(repo / "data/train") == []
+    [failed] = train_runs(repo)
+    assert failed.info.status == "FAILED"
+
+
+# Vocabulary ---------------------------------------------------------------------------------
+
+# 70,000 characters of the supplementary planes: each V x V count table would take 40 GB.
+FAR_TOO_MANY = [chr(code) for code in range(0x10000, 0x10000 + 70_000)]
+
+
+@pytest.mark.parametrize(
+    ("stage", "edit", "expected"),
+    [
+        (
+            "train",
+            lambda chars: chars[:-1],
+            "data/vocab/train.npy holds token id 64 but data/vocab/vocab.json lists only 64",
+        ),
+        (
+            "train",
+            lambda chars: [*chars, "é"],
+            "data/vocab/vocab.json lists 66 characters but the token files use only 65",
+        ),
+        (
+            "train",
+            lambda chars: chars + FAR_TOO_MANY,
+            "data/vocab/vocab.json lists 70,065 characters, above data.max_vocab_size = 4,096",
+        ),
+        (
+            "evaluate",
+            lambda chars: chars[:-1],
+            "data/vocab/train.npy holds token id 64 but data/vocab/vocab.json lists only 64",
+        ),
+    ],
+    ids=["a-character-removed", "a-character-added", "above-max-vocab-size", "evaluate"],
+)
+def test_a_vocabulary_that_disagrees_with_the_token_files_is_named_with_the_fix(
+    prepared_copy, stage, edit, expected
+):
+    repo, env = prepared_copy
+    vocab_path = repo / "data/vocab/vocab.json"
+    write_json(vocab_path, {"chars": edit(json.loads(vocab_path.read_text())["chars"])})
+    previous_model = repo / "data/train/model.pt"
+    previous_model.parent.mkdir()
+    torch.save(BigramLanguageModel(65).state_dict(), previous_model)
+    before = previous_model.read_bytes(), (repo / "data/evaluate/metrics.json").read_bytes()
+    runs_before = run_statuses(repo)
+
+    result = run_stage(stage, repo, env)
+
+    assert_one_line_error(result, expected, "rerun `dvc repro --force vocab`")
+    after = previous_model.read_bytes(), (repo / "data/evaluate/metrics.json").read_bytes()
+    assert after == before, "the previous outputs must stay"
+    assert run_statuses(repo) == runs_before, "no run is started for inputs that disagree"
 
 
 # Tracking store ----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from testbed import (
     update_params,
     write_committed_params,
 )
+from tests.test_download import faulty_server  # noqa: F401 (a fixture)
 from tests.test_generate import CHARS, workspace  # noqa: F401 (a fixture)
 from tests.test_params import load_error, write_params
 from tests.test_team_server import background, http
@@ -222,11 +223,12 @@ def test_the_served_model_checks_every_field_and_bounds_the_whole_request(
 # The download ------------------------------------------------------------------------------
 
 
-def test_a_source_that_never_ends_stops_at_the_size_cap(tmp_path):
+def test_a_source_that_never_ends_stops_at_the_size_cap(tmp_path, faulty_server):  # noqa: F811
     output = tmp_path / "input.txt"
+    url = f"{faulty_server.url}/endless"
     with pytest.raises(PipelineError) as raised:
-        download_verified("/dev/zero", CORPUS_SHA256, output, max_bytes=3 << 20)
-    assert f"corpus source /dev/zero is larger than {MAX_BYTES_ENV} = 3,145,728 bytes" in str(
+        download_verified(url, CORPUS_SHA256, output, max_bytes=3 << 20)
+    assert f"corpus source {url} is larger than {MAX_BYTES_ENV} = 3,145,728 bytes" in str(
         raised.value
     )
     assert files_in(tmp_path) == []
@@ -238,14 +240,18 @@ def test_an_announced_size_above_the_cap_is_refused_before_the_transfer(corpus_u
     assert files_in(tmp_path) == []
 
 
-def test_the_download_stage_stops_an_endless_source_with_one_line(prepared_copy):
+def test_the_download_stage_stops_an_endless_source_with_one_line(
+    prepared_copy,
+    faulty_server,  # noqa: F811
+):
     repo, env = prepared_copy
     before = (repo / "data/raw/input.txt").read_bytes()
-    env.update(BIGRAM_CORPUS_URL="file:///dev/zero", BIGRAM_DOWNLOAD_MAX_BYTES="5000000")
+    url = f"{faulty_server.url}/endless"
+    env.update(BIGRAM_CORPUS_URL=url, BIGRAM_DOWNLOAD_MAX_BYTES="5000000")
 
     result = run_stage("download", repo, env)
 
-    assert_one_line_error(result, "file:///dev/zero is larger than BIGRAM_DOWNLOAD_MAX_BYTES")
+    assert_one_line_error(result, f"{url} is larger than BIGRAM_DOWNLOAD_MAX_BYTES")
     assert (repo / "data/raw/input.txt").read_bytes() == before
     assert files_in(repo / "data/raw") == ["download.json", "input.txt"]
 

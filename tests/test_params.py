@@ -10,8 +10,8 @@ from ruamel.yaml import YAML
 
 from benchmarks.reference import lecture_train_params
 from pipeline.errors import PipelineError
-from pipeline.params import load_params
-from pipeline.training import check_block_size, resolve_device
+from pipeline.params import check_block_size, load_params
+from pipeline.training import resolve_device
 from testbed import (
     assert_one_line_error,
     run,

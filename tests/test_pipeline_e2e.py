@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from testbed import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
 
 pytestmark = pytest.mark.e2e
-STAGES = ("download", "vocab", "train", "evaluate", "sample", "link")
+STAGES = ("check", "download", "vocab", "train", "evaluate", "sample", "link")
 
 
 @pytest.fixture(scope="module")

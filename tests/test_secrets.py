@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.secrets import masked, split_credentials
+from pipeline.secrets import drops_credentials, masked, split_credentials
+from pipeline.store import shown_uri
 from testbed import (
     VENV_BIN,
     assert_one_line_error,
@@ -35,11 +36,11 @@ PASSWORD = f"pw-{secrets.token_hex(12)}"
 def test_masked_hides_the_password_of_every_url_in_a_text():
     text = (
         "error: http://ann:s3cr@t@host:8/x?a=b@c failed; postgresql+psycopg2://bob:pw@db/m, "
-        "'https://carl:x%40y@h/p' and http://dora@h/ and http://127.0.0.1:5000/"
+        "'https://carl:x%40y@h/p' and http://127.0.0.1:5000/?run=1 and sqlite:///m.db?timeout=60"
     )
     assert masked(text) == (
         "error: http://ann:***@host:8/x?a=b@c failed; postgresql+psycopg2://bob:***@db/m, "
-        "'https://carl:***@h/p' and http://dora@h/ and http://127.0.0.1:5000/"
+        "'https://carl:***@h/p' and http://127.0.0.1:5000/?run=1 and sqlite:///m.db?timeout=60"
     )
     assert split_credentials("http://ann:s3cr%40t@host:8/x") == (
         "http://host:8/x",
@@ -47,6 +48,58 @@ def test_masked_hides_the_password_of_every_url_in_a_text():
         "s3cr@t",
     )
     assert split_credentials("http://host/x") == ("http://host/x", None, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # A token alone as the user info (GitHub's form): the whole user info is the secret.
+        ("https://ghp_T0KEN@github.com/u/r.git", "https://***@github.com/u/r.git"),
+        ("http://dora@h/", "http://***@h/"),
+        # A "/" in the password: SQLAlchemy reads it up to the "@", urlsplit would stop at "/".
+        ("postgresql://bob:pa/ss@db:5432/mlflow", "postgresql://bob:***@db:5432/mlflow"),
+        ("postgresql://bob:p?a#ss@db/mlflow", "postgresql://bob:***@db/mlflow"),
+        # Secrets in the query or fragment, whatever the field's spelling.
+        ("https://h/c.txt?access_token=T0KEN&x=1", "https://h/c.txt?access_token=***&x=1"),
+        ("https://h/c.txt?token=T0KEN", "https://h/c.txt?token=***"),
+        ("https://h/c.txt?user=me&password=T0KEN", "https://h/c.txt?user=me&password=***"),
+        ("https://h/c.txt?secret=T0KEN", "https://h/c.txt?secret=***"),
+        ("https://h/c.txt?key=T0KEN", "https://h/c.txt?key=***"),
+        ("https://h/c.txt?api_key=T0KEN", "https://h/c.txt?api_key=***"),
+        ("https://h/c?sv=2022&sig=T0KEN%3D&se=1", "https://h/c?sv=2022&sig=***&se=1"),
+        (
+            "https://b.s3.amazonaws.com/c?X-Amz-Credential=T0KEN%2F&X-Amz-Signature=T0KEN",
+            "https://b.s3.amazonaws.com/c?X-Amz-Credential=***&X-Amz-Signature=***",
+        ),
+        ("https://h/cb#access_token=T0KEN&state=1", "https://h/cb#access_token=***&state=1"),
+    ],
+)
+def test_masked_hides_every_secret_form_a_url_can_carry(url, shown):
+    assert masked(url) == shown
+    assert masked(f"error: cannot read '{url}'; retry") == f"error: cannot read '{shown}'; retry"
+    assert masked(shown) == shown, "masking a masked text changes nothing"
+
+
+def test_the_store_error_masks_a_password_holding_a_slash():
+    uri = "postgresql://bob:pa/ss@db:5432/mlflow"
+    assert "pa/ss" not in shown_uri(uri) and "ss@" not in shown_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "dropped"),
+    [
+        ("http://h:8/a", "http://h:8/b", False),
+        ("http://h/a", "http://H:80/b", False),  # the same origin, spelt otherwise
+        ("https://h/a", "https://h:443/b", False),
+        ("http://h:8/a", "http://h:9/a", True),  # another port
+        ("http://h/a", "http://other/a", True),  # another host
+        ("https://h/a", "http://h:443/a", True),  # https to plain http
+        ("http://h/a", "https://h/a", True),  # another scheme is another origin
+        ("http://h:x/a", "http://h:x/b", True),  # an origin that cannot be read
+    ],
+)
+def test_credentials_are_dropped_on_a_redirect_to_another_origin(before, after, dropped):
+    assert drops_credentials(before, after) is dropped
 
 
 def test_a_corpus_password_is_used_but_never_shown_or_stored(prepared_copy, shakespeare_corpus):

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline.params import TrainParams
-from testbed import commit_all, copy_trained_repo, run, update_params
+from testbed import commit_all, copy_trained_repo, run, run_stage, update_params
 
 pytestmark = pytest.mark.e2e
 
@@ -102,3 +102,19 @@ def test_a_training_run_is_rebuilt_from_its_record(trained_repo, tmp_path):
     assert rebuilt_inputs == recorded
     weights = [torch.load(r / "data/train/model.pt", weights_only=True) for r in (repo, rebuild)]
     assert torch.equal(*(w["token_embedding_table.weight"] for w in weights))
+
+
+def test_the_link_stage_rewrites_a_run_json_whose_run_the_store_lost(trained_repo, tmp_path):
+    """mlflow.db deleted (a copy without it): run.json must not go on naming a run that no
+    longer exists. Before, the link stage's fast path kept the dangling id."""
+    repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
+    run_info = repo / "data/train/run.json"
+    lost_run = json.loads(run_info.read_text())["mlflow_run_id"]
+    assert lost_run and not (repo / "mlflow.db").exists()
+
+    linked = run_stage("link", repo, trained_repo[1])
+
+    assert linked.returncode == 0, linked.stderr
+    assert f"no longer holds run {lost_run}" in linked.stdout
+    assert "no training run in the MLflow store" in linked.stdout
+    assert json.loads(run_info.read_text())["mlflow_run_id"] is None

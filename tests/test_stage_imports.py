@@ -91,7 +91,7 @@ mlflow.MlflowClient().search_runs([experiment_id])
     "matplotlib": "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n",
 }
 
-STAGES = ("download", "vocab", "train", "evaluate", "sample", "link", "generate")
+STAGES = ("check", "download", "vocab", "train", "evaluate", "sample", "link", "generate")
 TRAINING = "pipeline.training"  # The training loops: the train stage's alone.
 HEATMAP = "pipeline.heatmap"  # matplotlib: the evaluate stage's alone.
 SERVING = "pipeline.serving"  # The pyfunc generator (pandas, mlflow.pyfunc): logged by train,
@@ -263,6 +263,15 @@ def run_record_names_the_model(repo: Path) -> None:
 
 # In `dvc repro`'s order, each run on the outputs of the ones before it.
 RUNS = (
+    Run(
+        "check",
+        "pipeline.check",
+        # Reads params.yaml and the vocab stage's manifest: nothing heavy, no MLflow run.
+        uses=frozenset(),
+        must_not_load=other_stages("check") | {TRAINING, HEATMAP, SERVING},
+        outputs=("data/check/params.json",),
+        stdout_check=lambda stdout: "and against the corpus" in stdout,
+    ),
     Run(
         "download",
         "pipeline.download",

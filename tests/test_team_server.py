@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import store, tracking
+from pipeline.errors import PipelineError
 from testbed import VENV_BIN, copy_trained_repo, free_port, run
 from tests.experiments import (
     check_experiments_in_store,
@@ -123,9 +125,10 @@ def postgres_bin_dir() -> Path:
     return Path(candidates[-1]).parent
 
 
-@pytest.fixture(scope="module")
-def postgres_uri() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty `mlflow` database.
+@contextlib.contextmanager
+def postgres_cluster(password: str | None = None) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty `mlflow` database; yields its
+    URI. With a password, connections over TCP must give it (scram-sha-256).
 
     PostgreSQL refuses to run as root, so as root it runs as the `postgres` user.
     """
@@ -140,7 +143,15 @@ def postgres_uri() -> Iterator[str]:
         done = subprocess.run([*as_postgres, *args], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"{args[0]} failed:\n{done.stdout}{done.stderr}"
 
-    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    auth = ["--auth=trust"]
+    if password is not None:
+        password_file = base / "password"
+        password_file.write_text(password)
+        if as_postgres:
+            shutil.chown(password_file, "postgres")
+        # The local socket (createdb below) stays trusted.
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={password_file}"]
+    pg(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", *auth, "-E", "UTF8")
     options = f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off"
     pg(
         str(bin_dir / "pg_ctl"),
@@ -154,21 +165,19 @@ def postgres_uri() -> Iterator[str]:
         "start",
     )
     try:
-        pg(
-            str(bin_dir / "createdb"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
-            "mlflow",
-        )
+        pg(str(bin_dir / "createdb"), "-h", str(base), "-p", str(port), "-U", "postgres", "mlflow")
         # The form MLflow's documentation shows: SQLAlchemy picks psycopg 3 (the postgres extra).
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
+        user = "postgres" if password is None else f"postgres:{password}"
+        yield f"postgresql://{user}@127.0.0.1:{port}/mlflow"
     finally:
         pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_uri() -> Iterator[str]:
+    with postgres_cluster() as uri:
+        yield uri
 
 
 def runs_by_stage(client: MlflowClient) -> dict[str, list]:
@@ -352,3 +361,68 @@ def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeyp
                 assert [(t.key, t.value) for t in inputs[0].tags] == [
                     ("mlflow.data.context", "training")
                 ]
+
+
+# Database stores that cannot serve ---------------------------------------------------------
+
+DATABASE_PASSWORD = "right-pw"
+
+
+@pytest.fixture(scope="module")
+def postgres_with_password() -> Iterator[str]:
+    with postgres_cluster(password=DATABASE_PASSWORD) as uri:
+        yield uri
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["wrong password", "closed port", "silent port"])
+def test_a_database_store_that_cannot_be_used_is_named_within_seconds(
+    postgres_with_password, monkeypatch, fault
+):
+    """Before, MLflow retried for 90 s and more, logging nine warnings of several lines."""
+    right = postgres_with_password
+    with contextlib.ExitStack() as stack:
+        if fault == "wrong password":
+            uri, expected = right.replace(DATABASE_PASSWORD, "wrong-pw"), "password authentication"
+        elif fault == "closed port":
+            uri, expected = f"postgresql://bob:pw@127.0.0.1:{free_port()}/mlflow", "refused"
+        else:
+            port = stack.enter_context(silent_port())
+            uri, expected = f"postgresql://bob:pw@127.0.0.1:{port}/mlflow", "timeout"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        started = time.monotonic()
+        with pytest.raises(PipelineError) as failure:
+            store.connect("bigram")
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 15, f"{elapsed:.0f} s"
+    message = str(failure.value)
+    assert "\n" not in message and expected in message, message
+    assert message.startswith(f"MLflow store {store.shown_uri(uri)} cannot be reached")
+    assert "wrong-pw" not in message and ":pw@" not in message
+
+
+def test_a_new_experiment_of_a_database_store_keeps_its_artifacts_in_the_repository(
+    postgres_uri, monkeypatch, tmp_path
+):
+    """`dvc exp run --temp` runs the stage in a temporary copy of the repo, which DVC deletes;
+    DVC_ROOT names the repository."""
+    repo, workspace = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmp1234"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres_uri)
+
+    experiment_id = store.connect("made-in-a-temporary-copy")
+
+    # Before, MLflow's default: ./mlruns of the working directory, deleted with it.
+    location = MlflowClient(tracking_uri=postgres_uri).get_experiment(experiment_id)
+    assert location.artifact_location == (repo / "mlartifacts").as_uri()
