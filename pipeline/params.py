@@ -44,6 +44,10 @@ MAX_CHARS_LIMIT = 10_000_000
 MIN_TEMPERATURE = 1e-3
 # data.name goes into the registered model's name and `models:/<name>/<version>` URIs.
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+# MLflow's SQL stores keep experiment and registered model names in VARCHAR(256) columns:
+# PostgreSQL refuses a longer one, but only when the run or the registration writes it.
+MAX_STORE_NAME = 256
+REGISTERED_NAME_PREFIX = "bigram-"
 
 
 Rule = tuple[str, Callable[[Any], bool]]
@@ -59,6 +63,10 @@ POSITIVE: Rule = ("a positive integer", lambda value: value > 0)
 # YAML reads .nan and .inf as floats; neither is a usable learning rate or temperature.
 FINITE_POSITIVE: Rule = ("a finite number > 0", lambda value: math.isfinite(value) and value > 0)
 SEED: Rule = ("an integer in [0, 2**63)", lambda value: 0 <= value < MAX_SEED)
+STORE_NAME: Rule = (
+    f"at most {MAX_STORE_NAME} characters (MLflow's stores hold no longer name)",
+    lambda value: len(value) <= MAX_STORE_NAME,
+)
 
 
 def sha256_hex(value: str) -> bool:
@@ -91,7 +99,14 @@ class DataParams:
     url: str = param(("a URL", bool))
     sha256: str = param(("a 64-digit hex sha256", sha256_hex))
     # Names the MLflow dataset and the registered model (bigram-<name>).
-    name: str = param(("a short name of letters, digits, '.', '_' or '-'", short_name))
+    name: str = param(
+        ("a short name of letters, digits, '.', '_' or '-'", short_name),
+        (
+            f"at most {MAX_STORE_NAME - len(REGISTERED_NAME_PREFIX)} characters (the registered "
+            f"model's name, {REGISTERED_NAME_PREFIX}<name>, must fit MLflow's store)",
+            lambda value: len(REGISTERED_NAME_PREFIX) + len(value) <= MAX_STORE_NAME,
+        ),
+    )
     train_fraction: float = param(("in (0, 1)", lambda value: 0.0 < value < 1.0))
     # The train and evaluate stages hold several V x V float64 tables: 134 MB each at 4096.
     max_vocab_size: int = param(("an integer >= 2", lambda value: value >= 2))
@@ -155,13 +170,14 @@ class SampleParams:
 
 @dataclass(frozen=True)
 class TrackingParams:
-    experiment_name: str = param(("non-empty", bool))
+    experiment_name: str = param(("non-empty", bool), STORE_NAME)
     # Empty: bigram-<data.name>, filled in by load_params.
     registered_model_name: str = param(
         (
             "a name MLflow's Model Registry accepts: non-empty, no '/' or ':', not '.' or '..'",
             registry_name,
-        )
+        ),
+        STORE_NAME,
     )
 
 
@@ -197,7 +213,10 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         if not isinstance(values, dict):
             raise PipelineError(f"{path}: '{name}' must be a mapping of params")
         if name == "tracking" and values.get("registered_model_name") == "":
-            values = {**values, "registered_model_name": f"bigram-{sections['data'].name}"}
+            values = {
+                **values,
+                "registered_model_name": f"{REGISTERED_NAME_PREFIX}{sections['data'].name}",
+            }
         sections[name] = _build_section(section_type, name, values, path)
     return Params(**sections)
 

@@ -26,6 +26,7 @@ reads this module on every `dvc repro` and must not pay a second for MLflow.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import os
 import posixpath
@@ -156,7 +157,7 @@ def sqlite_path(uri: str) -> Path:
             "sqlite:///relative/path/mlflow.db or sqlite:////absolute/path/mlflow.db, or unset it "
             f"to use {STORE_FILE} at the repository root"
         )
-    return repo_root() / urllib.parse.unquote(path)
+    return repo_root() / path
 
 
 def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
@@ -179,6 +180,9 @@ def _prepare_sqlite_store(uri: str, experiment_name: str) -> str:
             with contextlib.closing(sqlite3.connect(db_path, timeout=SQLITE_BUSY_TIMEOUT_S)) as db:
                 db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as error:
+            if error.sqlite_errorcode == sqlite3.SQLITE_FULL:
+                # A full disk is not a damaged store: the stages name the file and the fix.
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(db_path)) from None
             raise PipelineError(
                 f"MLflow store {db_path} is not a usable SQLite database ({error}); "
                 f"move it aside to start a new store, or set {TRACKING_URI_ENV}"
@@ -457,6 +461,7 @@ def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str
                     f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` "
                     "or set tracking.experiment_name"
                 )
+            _check_not_in_a_temporary_copy(experiment)
             return experiment.experiment_id
         try:
             return mlflow.create_experiment(name, artifact_location=artifact_location)
@@ -474,6 +479,28 @@ def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str
             f"MLflow store {uri} cannot be used ({type(error).__name__}: {first_line(error)}); "
             f"check that it is reachable and {TRACKING_URI_ENV} is right"
         ) from None
+
+
+# Where DVC makes the temporary copies of `dvc exp run --temp` and queue workers.
+DVC_TEMPORARY_COPIES = "/.dvc/tmp/exps/"
+
+
+def _check_not_in_a_temporary_copy(experiment) -> None:
+    """Refuse an experiment whose artifacts go to a temporary copy of DVC, which DVC deletes.
+
+    Earlier versions let MLflow give a new experiment of a database store ./mlruns of the
+    working directory: made under `dvc exp run --temp`, every model logged there is lost.
+    """
+    location = experiment.artifact_location or ""
+    path = urllib.parse.unquote(urllib.parse.urlsplit(location).path)
+    if location.startswith(("file:", "/")) and DVC_TEMPORARY_COPIES in path:
+        raise PipelineError(
+            f"MLflow experiment '{experiment.name}' keeps its artifacts in {path}, inside a "
+            "temporary copy that DVC deletes after each `dvc exp run --temp` or queued run: "
+            "set tracking.experiment_name to a new experiment (the stages create it with "
+            f"{ARTIFACTS_DIR}/ of the repository), or create one with a lasting artifact "
+            "location (`mlflow experiments create -n NAME -l DIR`)"
+        )
 
 
 def first_line(error: BaseException) -> str:

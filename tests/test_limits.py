@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import generate, paths, serving, store, tracking
+from pipeline import generate, paths, serving, store, textgen, tracking
 from pipeline.download import MAX_BYTES_ENV, bytes_from_env, download_verified
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
@@ -218,6 +218,12 @@ def test_the_served_model_checks_every_field_and_bounds_the_whole_request(
         assert refused_in_s < 5, "refused before generating anything"
         status, body = post(*[{"prompt": "A", "chars": 100}] * 5)
         assert status == 200 and len(json.loads(body)["predictions"]) == 5
+
+        # Rows are bounded too (pipeline.textgen.MAX_REQUEST_ROWS): refused before any is read.
+        started = time.perf_counter()
+        status, body = post(*[{"prompt": "A", "chars": 0}] * (textgen.MAX_REQUEST_ROWS + 1))
+        assert status == 400 and "pipeline.textgen.MAX_REQUEST_ROWS" in json.loads(body)["message"]
+        assert time.perf_counter() - started < 5
 
 
 # The download ------------------------------------------------------------------------------

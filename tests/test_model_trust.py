@@ -25,13 +25,12 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
-from pipeline import generate, paths, store, textgen
+from pipeline import generate, paths, textgen
 from pipeline.errors import PipelineError
-from testbed import REPO_ROOT, VENV_BIN, assert_one_line_error, free_port, update_params
+from testbed import REPO_ROOT, assert_one_line_error, update_params
 from tests import test_generate
 from tests.test_generate import CHARS
 from tests.test_limits import log_generator, model_temp_dirs
-from tests.test_team_server import background, http
 
 # The fixture of a project directory with a model.pt, shared with the generate command's tests.
 workspace = test_generate.workspace
@@ -228,25 +227,3 @@ def test_the_rows_and_prompts_of_a_request_are_bounded_and_answered_in_seconds(w
     texts, took_s = predict(textgen.MAX_REQUEST_ROWS)
     assert len(texts) == textgen.MAX_REQUEST_ROWS and {len(text) for text in texts} == {11}
     assert took_s < 30, f"{took_s:.1f} s for a request within the limits"
-
-
-@pytest.mark.e2e
-def test_the_served_model_refuses_too_many_rows_with_http_400(workspace):
-    run_id = log_generator(workspace)
-    port = free_port()
-    env = {
-        "PATH": f"{VENV_BIN}:/usr/bin:/bin",
-        "HOME": str(workspace),
-        "MLFLOW_TRACKING_URI": store.tracking_uri(),
-    }
-    serve = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run_id}/generator"]
-    serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
-    with background(serve, f"http://127.0.0.1:{port}/ping", workspace / "serve.log", env):
-        url = f"http://127.0.0.1:{port}/invocations"
-        rows = [{"prompt": "A", "chars": 0}] * (textgen.MAX_REQUEST_ROWS + 1)
-        started = time.perf_counter()
-        status, body = http(url, {"dataframe_records": rows})
-        assert status == 400 and "pipeline.textgen.MAX_REQUEST_ROWS" in json.loads(body)["message"]
-        assert time.perf_counter() - started < 5
-        status, body = http(url, {"dataframe_records": rows[1:]})
-        assert status == 200 and len(json.loads(body)["predictions"]) == textgen.MAX_REQUEST_ROWS

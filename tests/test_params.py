@@ -110,6 +110,11 @@ BAD_VALUES = [
     ("sample.max_chars", 0, "a positive integer, got 0"),
     ("sample.temperature", 0, "> 0, got 0.0"),
     ("sample.temperature", "hot", "must be a number, got 'hot'"),
+    # MLflow's SQL stores hold names of 256 characters at most (PostgreSQL refuses longer ones
+    # only when the registration writes them, after the whole training).
+    ("tracking.registered_model_name", "m" * 257, "at most 256 characters"),
+    ("tracking.experiment_name", "e" * 257, "at most 256 characters"),
+    ("data.name", "n" * 250, "at most 249 characters (the registered model's name"),
 ]
 
 

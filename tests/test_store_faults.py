@@ -29,8 +29,9 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import store, tracking
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, disk_full_cause
 from testbed import REPO_ROOT
+from tests.fault_tools import FILLER, full_file_system
 
 # A hung server is named after the probe's time-out; the slack is for a loaded machine.
 WITHIN_SECONDS = store.SERVER_PROBE_TIMEOUT_S + 5
@@ -171,6 +172,34 @@ def test_a_relative_sqlite_uri_is_a_store_of_the_repository_not_of_the_working_d
     assert location == (repo / "mlartifacts").as_uri()
 
 
+def test_a_new_store_that_cannot_be_written_is_named_and_removed(monkeypatch, tmp_path):
+    """A full disk while a new store is set up: the stages' full-disk line, and no empty
+    team.db left for the next run to take as a store."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv(store.TRACKING_URI_ENV, "sqlite:///store/team.db")
+    with full_file_system(tmp_path / "store", free_bytes=0) as directory:
+        with pytest.raises(OSError) as failure:
+            store.connect("bigram")
+        left = sorted(path.name for path in directory.iterdir())
+
+    # Before: "is not a usable SQLite database (database or disk is full)", team.db left.
+    assert disk_full_cause(failure.value).filename == str(tmp_path / "store/team.db")
+    assert left == [FILLER, "team.db.lock"]
+
+
+def test_an_experiment_whose_artifacts_go_to_a_temporary_copy_of_dvc_is_refused(
+    sqlite_store, tmp_path
+):
+    """Made by an earlier version under `dvc exp run --temp`: each artifact would be lost."""
+    doomed = tmp_path / "repo/.dvc/tmp/exps/tmpab12/mlruns"
+    MlflowClient().create_experiment("made-in-a-copy", artifact_location=doomed.as_uri())
+
+    with pytest.raises(PipelineError) as failure:
+        store.connect("made-in-a-copy")
+
+    assert f"keeps its artifacts in {doomed}, inside a temporary copy" in str(failure.value)
+
+
 # Whose run is it ----------------------------------------------------------------------------
 
 
@@ -227,6 +256,7 @@ def test_a_stage_killed_while_logging_a_model_leaves_no_model_pending(sqlite_sto
     client = MlflowClient()
     [model] = client.search_logged_models([experiment_id])
     assert model.status.name == "PENDING"
+    assert store.abandoned_runs_in_sqlite(path) is True  # What the link stage reads.
 
     tracking.end_runs_of_dead_processes(experiment_id)
 
