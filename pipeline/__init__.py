@@ -1,8 +1,8 @@
 """Karpathy's character-level bigram language model as a DVC + MLflow pipeline.
 
-Each stage is a module run as ``python -m pipeline.<stage>`` (see dvc.yaml):
-``download`` -> ``vocab`` -> ``train`` -> ``evaluate`` -> ``sample``, and ``link`` (names the
-MLflow run of the workspace's model, on every run). ``generate`` is the user's command for text
+Each stage is a module run as ``python -m pipeline.<stage>`` (see dvc.yaml): ``check`` (every
+param, before DVC removes any output) -> ``download`` -> ``vocab`` -> ``train`` -> ``evaluate``
+-> ``sample``, and ``link`` (names the MLflow run of the workspace's model, on every run). ``generate`` is the user's command for text
 from any trained model. No stage imports another; they share:
 
 - ``paths`` (every input and output path), ``params`` (typed, validated params.yaml);

@@ -10,6 +10,9 @@ A stop signal is one line and exit 130 at every moment of a stage's life:
 - once main() has returned: the work is done and its outputs complete, so the signal is
   ignored and the stage exits 0. The interpreter's shutdown (torch's and MLflow's teardown)
   runs after Python has put back the default handlers, which would end it -15 without a word.
+
+A stage is quiet about MLflow: no usage telemetry, no INFO lines, no progress bars
+(``quiet_mlflow_by_default``); MLflow's warnings stay.
 """
 
 from __future__ import annotations
@@ -46,6 +49,31 @@ PARENT_AT_START = os.getppid()
 PR_SET_PDEATHSIG = 1
 # How often a stage run through DVC's shell checks that DVC still runs (see watch_pipeline).
 PIPELINE_CHECK_INTERVAL_S = 0.5
+# MLflow's documented switches, each a default that the user's own setting overrides
+# (docs/OPERATIONS.md, "What a stage prints"). MLflow reads the first two when it is imported.
+QUIET_MLFLOW = {
+    # No usage telemetry: MLflow would otherwise fetch a remote config in a thread of every
+    # stage, and join its threads at exit. MLFLOW_DISABLE_TELEMETRY=false turns it back on.
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # No INFO lines ("Creating initial MLflow database tables...", "Validating input example
+    # against model signature"): the stage says what it did. Warnings stay.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # No "Downloading artifacts" bar for each file MLflow copies while logging a model.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def quiet_mlflow_by_default() -> None:
+    """Set QUIET_MLFLOW's defaults in this process (and its children), before MLflow loads.
+
+    Called when this module loads: pipeline/__init__.py imports it first in a stage process
+    (`python -m pipeline.<stage>`), before the stage's own imports load MLflow.
+    """
+    for name, value in QUIET_MLFLOW.items():
+        os.environ.setdefault(name, value)
+
+
+quiet_mlflow_by_default()
 
 
 def disk_full_message(error: OSError) -> str:
