@@ -104,6 +104,10 @@ def stop_reason(signum: int) -> str:
 
 
 def _raise_interrupted(signum, frame):
+    # The first stop unwinds main(); a second must not cut that clean-up short (its MLflow run
+    # would be left for MLflow's exit handler to end FINISHED). When dvc dies, the kernel's
+    # SIGTERM (end_with_parent) and DVC's own can arrive together; or Ctrl-C is pressed twice.
+    _ignore_interrupt_signals()
     raise StageInterrupted(stop_reason(signum))
 
 
@@ -241,8 +245,6 @@ def stage_entry_point(
         gc.enable()
         # From here on a stop unwinds main(): its MLflow run ends KILLED, its outputs go.
         _handle_interrupt_signals(_raise_interrupted)
-        if signal.SIGINT not in IGNORED_AT_START:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             end_with_parent()
             main()

@@ -362,7 +362,9 @@ def main() -> None:
     params = load_params()
     source = corpus_source(params.data)
     settings = settings_from_env()
-    with tracking.stage_run("download", params, run_name="download"):
+    with tracking.stage_run(
+        "download", params, run_name=tracking.corpus_run_name("download", params)
+    ):
         mlflow.log_params({"data.url": masked(params.data.url), "data.sha256": params.data.sha256})
         # Where this machine fetched the corpus from goes to MLflow, never into download.json:
         # a DVC-tracked file must not differ between machines that fetched the same bytes.

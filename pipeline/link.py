@@ -1,4 +1,5 @@
-"""Stage 6, link: name the MLflow run that holds the workspace's model, end abandoned runs.
+"""Stage 6, link: name the MLflow run that holds the workspace's model, end abandoned runs,
+and say where to look.
 
 DVC runs this stage on every `dvc repro` and `dvc exp run` (``always_changed``), even when it
 restores every other stage from its run-cache, when no other code of ours runs:
@@ -13,35 +14,56 @@ restores every other stage from its run-cache, when no other code of ours runs:
   are ended KILLED, as any stage does when it starts; here this also happens when no stage runs.
 - A run.json whose run the store no longer holds (``mlflow.db`` deleted or replaced) is
   rewritten: the run that holds the model now, or none, and the stage says so.
+- Its last lines are the last a stage prints in `dvc repro` and `dvc exp run` (its deps make it
+  run after evaluate and sample): the final losses beside the uniform baseline ln(V) and the
+  bigram optimum, from metrics.json; the page of the MLflow run in the store in use (with the
+  `mlflow ui` command that serves a local store); and the version of the registered model it
+  made, with the aliases it got. Printed whenever run.json names a run, also on a no-op `dvc
+  repro`, which is where a user who comes back finds the latest result. The run's experiment id
+  and the version come from data/train/registered.json (pipeline/runrecord.py).
 
 It must stay cheap, since it runs on every no-op `dvc repro`: when run.json already names the
-model's sha256, the SQLite store holds that run and no run RUNNING on this host, it imports
-neither MLflow nor torch and reads the store read-only (about 0.1 s). Other stores go through
-MLflow.
+model's sha256, registered.json that run, the SQLite store holds that run and no run RUNNING on
+this host, it imports neither MLflow nor torch and reads the store read-only (about 0.1 s).
+Other stores go through MLflow.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 from pipeline import runrecord, store
 from pipeline.cli import stage_entry_point
 from pipeline.files import file_sha256
-from pipeline.paths import MODEL_PATH
+from pipeline.paths import METRICS_PATH, MODEL_PATH
 
 
 def main() -> None:
     if not MODEL_PATH.is_file():
         print(f"link: no {MODEL_PATH}, nothing to link")
         return
+    run_id = link_model()
+    if run_id is not None:
+        print("\n".join(summary_lines(run_id)))
+
+
+def link_model() -> str | None:
+    """Point run.json (and registered.json) at the run that trained the model; return its id."""
     model_sha256 = file_sha256(MODEL_PATH)
     recorded_run_id, recorded_sha256 = runrecord.recorded_run()
     linked = recorded_sha256 == model_sha256
     sqlite_file = store.sqlite_store_path()
     abandoned = store.abandoned_runs_in_sqlite(sqlite_file) if sqlite_file else None
-    if linked and abandoned is False and _still_in_sqlite(sqlite_file, recorded_run_id):
+    if (
+        linked
+        and abandoned is False
+        and _still_in_sqlite(sqlite_file, recorded_run_id)
+        and _registration_recorded(recorded_run_id)
+    ):
         runrecord.stage_for_experiment()
-        return  # The common case, a no-op `dvc repro`: nothing to do, nothing imported.
+        return recorded_run_id  # The common case, a no-op `dvc repro`: nothing imported.
 
     # Imported only now: MLflow costs a second or two to import and connect.
     from pipeline import tracking
@@ -52,18 +74,96 @@ def main() -> None:
     tracking.end_runs_of_dead_processes(experiment_id)
     store_uri = store.shown_uri(store.tracking_uri())
     if linked and (recorded_run_id is None or tracking.run_exists(recorded_run_id)):
+        if not _registration_recorded(recorded_run_id):
+            # Trained by an older version of the pipeline, which wrote no registered.json.
+            _record_registration(recorded_run_id)
         runrecord.stage_for_experiment()
-        return
+        return recorded_run_id
     if linked:
         # The store was replaced or wiped (mlflow.db deleted): the id would point nowhere.
         print(f"link: the MLflow store {store_uri} no longer holds run {recorded_run_id}")
     run_id = tracking.find_run(experiment_id, "train", tracking.MODEL_TAG, model_sha256)
+    if run_id is not None:
+        _record_registration(run_id)
     # A model pulled from a DVC remote may have been trained against another store.
     runrecord.write_run_record(run_id, model_sha256)
     if run_id is None:
         print(f"link: no training run in the MLflow store {store_uri} holds {MODEL_PATH}")
     else:
         print(f"link: {MODEL_PATH} was trained by MLflow run {run_id}")
+    return run_id
+
+
+def _registration_recorded(run_id: str | None) -> bool:
+    return run_id is None or runrecord.recorded_registration(run_id) is not None
+
+
+def _record_registration(run_id: str) -> None:
+    """Look up the run's experiment and the newest model version made from it, with the aliases
+    that version holds now; record them in registered.json.
+
+    For a model DVC restored from its run-cache, whose training ran earlier: the train stage
+    records its own registration. MLflow is loaded here (the slow path).
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    try:
+        # Whatever the name: the training registered its version under tracking's name then.
+        found = client.search_model_versions(f"run_id = '{run_id}'")
+    except MlflowException:
+        found = []  # A store without a registry: the summary says no version holds it.
+    newest = max(found, key=lambda version: version.creation_timestamp, default=None)
+    if newest is not None:
+        # A search leaves a version's aliases out; a look-up of the version has them.
+        newest = client.get_model_version(newest.name, newest.version)
+    runrecord.write_registration(
+        run_id,
+        experiment_id,
+        None if newest is None else newest.name,
+        None if newest is None else str(newest.version),
+        () if newest is None else newest.aliases,
+    )
+
+
+def summary_lines(run_id: str) -> list[str]:
+    """Where to look: the result, the MLflow run's page, the registered version (see the
+    module's docstring)."""
+    lines = []
+    result = _result_line()
+    if result is not None:
+        lines.append(result)
+    registration = runrecord.recorded_registration(run_id)
+    if registration is None:
+        return [*lines, f"MLflow run {run_id}"]
+    url, command = store.run_page(registration["experiment_id"], run_id)
+    lines.append(f"MLflow run: {url}")
+    if command is not None:
+        lines.append(f"  (to open it, start the UI in the repo root: {command})")
+    name, version = registration.get("registered_model"), registration.get("version")
+    if isinstance(version, str):
+        aliases = "".join(f" @{alias}" for alias in sorted(registration.get("aliases") or ()))
+        lines.append(f"registered model {name} version {version}{aliases}")
+    else:
+        lines.append("registered model: no version holds this run")
+    return lines
+
+
+def _result_line() -> str | None:
+    """The final losses beside the baselines, from metrics.json; None without a readable one."""
+    try:
+        metrics = json.loads(METRICS_PATH.read_text(encoding="utf-8"))
+        train, val = float(metrics["train_loss"]), float(metrics["val_loss"])
+        uniform, optimum = float(metrics["uniform_loss"]), float(metrics["train_bigram_optimum"])
+        vocab_size = round(math.exp(uniform))  # uniform_loss is ln(V)
+    except (OSError, ValueError, TypeError, KeyError, OverflowError):
+        return None
+    return (
+        f"result: val loss {val:.4f}, train loss {train:.4f}; uniform ln({vocab_size}) = "
+        f"{uniform:.4f}, bigram optimum (train) {optimum:.4f}"
+    )
 
 
 def _still_in_sqlite(sqlite_file: Path | None, run_id: str | None) -> bool:

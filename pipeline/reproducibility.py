@@ -1,11 +1,13 @@
-"""What a training run needs to be rebuilt, recorded as tags of the run.
+"""What a training run needs to be rebuilt, recorded as tags and one artifact of the run.
 
 - ``git.dirty``: whether tracked files differ from the commit (``mlflow.source.git.commit``,
   which pipeline.tracking sets on every stage's run), ``git.changed_files`` naming them.
   dvc.lock is left out: `dvc repro` rewrites it as stages finish, and the inputs it records are
   hashed here instead.
-- ``dvc.deps.<path>``: the md5 of each dep of the train stage, the hashes `dvc repro` writes
-  for it in dvc.lock.
+- ``rebuild/deps.json``, an artifact of the run: the md5 of each dep of the train stage (dep
+  path -> md5), the hashes `dvc repro` writes for it in dvc.lock. One file, not one tag a dep:
+  MLflow's runs table shows every tag as a column. ``rebuild.deps_sha256``, the sha256 of its
+  bytes, finds runs made from the same inputs (``tags.`rebuild.deps_sha256` = '...'``).
 - ``version.python``, ``version.torch``, ``version.dvc``, ``version.mlflow`` and
   ``device.name``.
 - ``cpu.capability`` (the kernel level torch dispatched to: DEFAULT in every stage),
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -33,6 +36,8 @@ TRAIN_STAGE = "train"
 # Rewritten by `dvc repro` itself while the pipeline runs; not a change to the code or data.
 NOT_SOURCE = {"dvc.lock"}
 CHUNK_BYTES = 1 << 20
+DEPS_ARTIFACT = "rebuild/deps.json"
+DEPS_TAG = "rebuild.deps_sha256"
 
 
 def changed_files() -> list[str] | None:
@@ -104,8 +109,16 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
+def deps_record(stage: str = TRAIN_STAGE) -> str:
+    """The text of rebuild/deps.json: dep path -> md5, sorted, one line each."""
+    return json.dumps(stage_dep_hashes(stage), indent=2, sort_keys=True) + "\n"
+
+
 def record(device: torch.device) -> dict[str, str]:
-    """The run's rebuild record, as MLflow tags."""
+    """The run's rebuild record: logs rebuild/deps.json into the active run and returns the
+    tags (the JSON's sha256 among them)."""
+    deps = deps_record()
+    mlflow.log_text(deps, DEPS_ARTIFACT)
     changed = changed_files()
     tags = {
         "git.dirty": "unknown" if changed is None else str(bool(changed)).lower(),
@@ -117,8 +130,8 @@ def record(device: torch.device) -> dict[str, str]:
         "cpu.capability": torch.backends.cpu.get_cpu_capability(),
         "cpu.pins": pins_description(),
         "torch.threads": str(torch.get_num_threads()),
+        DEPS_TAG: hashlib.sha256(deps.encode()).hexdigest(),
     }
     if changed:
         tags["git.changed_files"] = ", ".join(changed)
-    tags.update({f"dvc.deps.{path}": md5 for path, md5 in stage_dep_hashes().items()})
     return tags

@@ -33,13 +33,13 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import torch
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -67,6 +67,16 @@ GENERATOR_ARTIFACT = "generator"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DVC_EXPERIMENT_TAG = "dvc.exp_name"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """The version a training registered, and the aliases it got then."""
+
+    model_name: str
+    version: str
+    aliases: tuple[str, ...]
+
 
 # The numeric columns are AnyType because MLflow casts to a declared type silently: "long" turns
 # chars 1.5 into 1 and 1e30 into -2**63. Values reach predict as sent, and checked_request checks
@@ -148,9 +158,9 @@ def _is_gap(value) -> bool:
 
 def log_models(
     model: BigramLanguageModel, params: Params, run_id: str, losses: dict[str, float], step: int
-) -> list[str]:
+) -> tuple[list[str], Registration]:
     """Log both flavours into the active run at ``step`` and register the generator as a new
-    version; returns the two logged models' ids.
+    version; returns the two logged models' ids and the version.
 
     MLflow links the run's metrics logged at ``step`` to the logged models, so they show the
     final losses when ``step`` is the last one.
@@ -162,8 +172,8 @@ def log_models(
         defaults_path = write_sampling_defaults(params.sample, Path(scratch))
         pytorch_model_id = log_pytorch_model(model, defaults_path, step, code_paths)
         generator = log_text_generator(MODEL_PATH, VOCAB_PATH, defaults_path, step, code_paths)
-    register_version(generator.model_uri, params, run_id, losses)
-    return [pytorch_model_id, generator.model_id]
+    registration = register_version(generator.model_uri, params, run_id, losses)
+    return [pytorch_model_id, generator.model_id], registration
 
 
 @contextlib.contextmanager
@@ -269,8 +279,8 @@ def log_text_generator(
 
 def register_version(
     model_uri: str, params: Params, run_id: str, metrics: dict[str, float]
-) -> ModelVersion:
-    """Register the generator as a new version of the registered model.
+) -> Registration:
+    """Register the generator as a new version of the registered model; return it and its aliases.
 
     The version is tagged with its metrics and every ``train.*`` param (named as the run logs
     them), and described in one line. The registry numbers versions itself: parallel trainings
@@ -296,9 +306,9 @@ def register_version(
             + f" after {train.max_iters} steps (lr {train.lr}, batch_size {train.batch_size},"
             f" seed {train.seed})"
         )
-        updated = client.update_model_version(name, version.version, description=description)
-        set_aliases(client, name, version.version, metrics.get("val_loss"))
-        return updated
+        client.update_model_version(name, version.version, description=description)
+        aliases = set_aliases(client, name, version.version, metrics.get("val_loss"))
+        return Registration(name, str(version.version), aliases)
     except MlflowException as error:
         raise PipelineError(
             f"cannot register the model as '{name}' (tracking.registered_model_name) in "
@@ -308,8 +318,9 @@ def register_version(
 
 def set_aliases(
     client: mlflow.MlflowClient, name: str, version: str, val_loss: float | None
-) -> None:
+) -> tuple[str, ...]:
     """``challenger`` for every new version; ``champion`` when its val loss beats the champion's.
+    Returns the aliases the version got.
 
     The champion's val loss is its training run's (the version's tag is rounded). Two trainings
     finishing at the same instant may both see the old champion; the later write wins.
@@ -327,3 +338,5 @@ def set_aliases(
         )
     if champion is None or (val_loss is not None and val_loss < champion_loss):
         client.set_registered_model_alias(name, CHAMPION, version)
+        return (CHAMPION, CHALLENGER)
+    return (CHALLENGER,)

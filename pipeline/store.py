@@ -53,7 +53,9 @@ ARTIFACTS_DIR = "mlartifacts"
 # Queued experiments write to one SQLite file from several processes: wait for the lock
 # instead of failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
-SERVER_PROBE_TIMEOUT_S = 5
+# Long enough for a busy server's first API answer (the basic-auth app checks a password hash on
+# a loaded 2-core machine in seconds), short beside MLflow's own minutes of retries.
+SERVER_PROBE_TIMEOUT_S = 20
 # A real API call: a server's /health may answer while its backend store cannot serve.
 SERVER_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
 DATABASE_CONNECT_TIMEOUT_S = 5
@@ -141,6 +143,38 @@ def repo_artifacts_uri() -> str:
 def shown_uri(uri: str) -> str:
     """The URI with its password masked, fit for an error message or a log."""
     return masked(uri)
+
+
+# Where `mlflow ui` serves by default.
+LOCAL_UI_URL = "http://127.0.0.1:5000"
+
+
+def run_page(experiment_id: str, run_id: str) -> tuple[str, str | None]:
+    """Where a user opens a run: its page in MLflow's UI, and for a store that no server serves
+    (SQLite, a database) the `mlflow ui` command that serves it.
+
+    A server's user and password are left out of its URL (the browser asks for them), secret
+    query fields masked: the URL is printed.
+    """
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        server = split_credentials(uri)[0].partition("?")[0].partition("#")[0]
+        return masked(f"{server.rstrip('/')}/{page}"), None
+    if uri.startswith("sqlite:///"):
+        store_uri = f"sqlite:///{_shown_sqlite_path(sqlite_path(uri))}"
+    else:
+        store_uri = shown_uri(uri)
+    return f"{LOCAL_UI_URL}/{page}", f"mlflow ui --backend-store-uri {store_uri}"
+
+
+def _shown_sqlite_path(path: Path) -> str:
+    """The store file relative to the repository root, where `mlflow ui` is started; else
+    absolute (sqlite:/// then has four slashes)."""
+    try:
+        return str(path.relative_to(repo_root()))
+    except ValueError:
+        return str(path)
 
 
 def sqlite_path(uri: str) -> Path:
@@ -447,6 +481,28 @@ def _probe_database(uri: str) -> None:
             engine.dispose()
 
 
+# MLflow's experiment-kind tag and the value of a model-training experiment (the others are
+# genai_development and, inferred by the UI, *_inferred kinds). Without it MLflow 3 treats an
+# experiment as a GenAI one: its page opens on traces, not on the training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+MODEL_TRAINING_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+
+
+def _mark_as_model_training(experiment) -> None:
+    """Give an experiment made before this tag existed, or by hand, the model-training kind.
+
+    A write only when the tag is missing or different: every stage connects, and the experiment
+    the store returned already carries its tags.
+    """
+    import mlflow
+
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+        )
+
+
 def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -462,14 +518,19 @@ def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str
                     "or set tracking.experiment_name"
                 )
             _check_not_in_a_temporary_copy(experiment)
+            _mark_as_model_training(experiment)
             return experiment.experiment_id
         try:
-            return mlflow.create_experiment(name, artifact_location=artifact_location)
+            return mlflow.create_experiment(
+                name, artifact_location=artifact_location, tags=MODEL_TRAINING_TAGS
+            )
         except MlflowException as error:
             # Parallel queue workers on a server all find no experiment; one creates it first.
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
-            return mlflow.get_experiment_by_name(name).experiment_id
+            experiment = mlflow.get_experiment_by_name(name)
+            _mark_as_model_training(experiment)
+            return experiment.experiment_id
     except MlflowException as error:
         raise PipelineError(f"MLflow store {uri} cannot be used: {first_line(error)}") from None
     except Exception as error:  # SQLAlchemy/driver errors: corrupt file, wrong schema, auth.

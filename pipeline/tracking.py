@@ -51,6 +51,8 @@ DATASET_LOG_ATTEMPTS = 3
 MODEL_TAG = "model_sha256"
 MANIFEST_TAG = "manifest_sha256"
 CORPUS_TAG = "corpus_sha256"
+# data.name of the committed params.yaml: a training run names its corpus only when it differs.
+DEFAULT_CORPUS = "shakespeare"
 
 
 def dvc_experiment_name() -> str | None:
@@ -58,13 +60,29 @@ def dvc_experiment_name() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
-def run_name() -> str:
-    """The training run's name: the DVC experiment's, or ``<branch>@<short commit>``."""
-    if dvc_experiment_name():
-        return dvc_experiment_name()
+def run_name(params: Params) -> str:
+    """The training run's name: the DVC experiment's, or ``<branch>@<short commit>``, then the
+    corpus in parentheses unless it is the default one: ``main@20dfdea (lunyu)``.
+
+    Without the corpus, a training on a user's own text and the Shakespeare training of the
+    same commit would carry the same name in MLflow's runs table.
+    """
+    name = dvc_experiment_name() or code_version()
+    if params.data.name != DEFAULT_CORPUS:
+        name = f"{name} ({params.data.name})"
+    return name
+
+
+def code_version() -> str:
+    """``<branch>@<short commit>`` of the working tree (``unknown`` outside a git repo)."""
     branch = _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
     return f"{branch}@{commit}"
+
+
+def corpus_run_name(stage: str, params: Params) -> str:
+    """The name of a download or vocab run: the stage and the corpus, ``download lunyu``."""
+    return f"{stage} {params.data.name}"
 
 
 def _git(*args: str) -> str:
@@ -226,7 +244,7 @@ def model_run(
     The training run is never resumed, so its status stays the one training gave it; this
     stage's failure or interruption shows on the child run alone.
     """
-    name = f"{stage} of {dvc_experiment_name() or run_name()}"
+    name = f"{stage} of {run_name(params)}"
     with stage_run(stage, params, parent_run_id=training_run, run_name=name) as run:
         if stage_params:
             mlflow.log_params(stage_params)

@@ -118,7 +118,7 @@ def train_and_log(params: Params) -> None:
     model = BigramLanguageModel(len(vocab)).to(device)
 
     with (
-        tracking.stage_run("train", params, run_name=tracking.run_name()) as run,
+        tracking.stage_run("train", params, run_name=tracking.run_name(params)) as run,
         # Ctrl-C or an error after the model is saved must not leave it without its run.json.
         outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
     ):
@@ -128,11 +128,21 @@ def train_and_log(params: Params) -> None:
         save_outputs(model, curve)
         final = curve[-1]
         losses = {"train_loss": final["train_loss"], "val_loss": final["val_loss"]}
-        model_ids = serving.log_models(model, params, run.info.run_id, losses, config.max_iters)
+        model_ids, registration = serving.log_models(
+            model, params, run.info.run_id, losses, config.max_iters
+        )
         for model_id in model_ids:
             tracking.log_losses(final, datasets, model_id)
         model_sha256 = file_sha256(MODEL_PATH)
         mlflow.set_tag(tracking.MODEL_TAG, model_sha256)
+        # Where the link stage's summary points: the run's page and the version it registered.
+        runrecord.write_registration(
+            run.info.run_id,
+            run.info.experiment_id,
+            registration.model_name,
+            registration.version,
+            registration.aliases,
+        )
         runrecord.write_run_record(run.info.run_id, model_sha256)
 
 

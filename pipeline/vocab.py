@@ -136,7 +136,7 @@ def main() -> None:
     params = load_params()
     download_info = read_json(DOWNLOAD_INFO_PATH, DOWNLOAD_INFO_FIELDS)
     with (
-        tracking.stage_run("vocab", params, run_name="vocab"),
+        tracking.stage_run("vocab", params, run_name=tracking.corpus_run_name("vocab", params)),
         outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
     ):
         mlflow.log_params(

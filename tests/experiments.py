@@ -16,7 +16,7 @@ from testbed import run
 MODEL_NAME = "bigram-shakespeare"
 POLL_S = 2
 STATUS_EVERY_S = 20
-QUEUE_TIMEOUT_S = 480
+QUEUE_TIMEOUT_S = 900
 
 
 def queue(repo: Path, env: dict[str, str], overrides: list[str]) -> dict[str, str]:
@@ -26,6 +26,28 @@ def queue(repo: Path, env: dict[str, str], overrides: list[str]) -> dict[str, st
         result = run(["dvc", "exp", "run", "--queue", "-S", override], repo, env)
         names[re.search(r"Queued experiment '([^']+)'", result.stdout).group(1)] = override
     return names
+
+
+def start_queue(repo: Path, env: dict[str, str], jobs: int) -> None:
+    """`dvc queue start -j <jobs>`, returning once the workers are started.
+
+    Its output goes to a file, not a pipe: the workers' launcher (dvc-task's daemon process,
+    forked from `dvc`) keeps the fds it inherited until its worker ends, so a reader of a pipe
+    would wait for the whole queue.
+    """
+    log = repo / ".dvc" / "tmp" / "queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        started = subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+    assert started.returncode == 0, log.read_text()[-3000:]
 
 
 def wait_for_queue(repo: Path, env: dict[str, str], experiments: int) -> str:

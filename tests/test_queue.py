@@ -25,6 +25,7 @@ from tests.experiments import (
     check_registry,
     failed_task_logs,
     queue,
+    start_queue,
     training_runs,
     wait_for_queue,
 )
@@ -58,7 +59,7 @@ def test_eight_queued_experiments_and_a_temp_one_share_one_store(trained_repo, t
     names = queue(repo, env, EIGHT_EXPERIMENTS)
     assert len(names) == 8
 
-    run(["dvc", "queue", "start", "-j", "4"], repo, env)
+    start_queue(repo, env, jobs=4)
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
     temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
     status = wait_for_queue(repo, env, experiments=9)

@@ -17,7 +17,9 @@ from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline.params import TrainParams
+from pipeline.reproducibility import DEPS_TAG
 from testbed import commit_all, copy_trained_repo, run, run_stage, update_params
+from tests.test_mlflow_views import client_for, recorded_deps
 
 pytestmark = pytest.mark.e2e
 
@@ -67,12 +69,10 @@ def test_a_training_run_is_rebuilt_from_its_record(trained_repo, tmp_path):
     tags, params = original.data.tags, original.data.params
 
     # The record: commit and dirt (the fixture ran with an uncommitted params change),
-    # the train stage's input hashes as dvc.lock has them, versions and device.
+    # the train stage's input hashes as dvc.lock has them (rebuild/deps.json), versions, device.
     assert tags["git.dirty"] == "true" and tags["git.changed_files"] == "params.yaml"
     lock = YAML(typ="safe").load(repo / "dvc.lock")["stages"]["train"]["deps"]
-    recorded = {
-        k.removeprefix("dvc.deps."): v for k, v in tags.items() if k.startswith("dvc.deps.")
-    }
+    recorded, _ = recorded_deps(client_for(repo), original.info.run_id)
     assert recorded == {dep["path"]: dep["md5"] for dep in lock}
     assert tags["version.python"] == platform.python_version()
     assert tags["version.torch"] == torch.__version__
@@ -94,12 +94,8 @@ def test_a_training_run_is_rebuilt_from_its_record(trained_repo, tmp_path):
     rebuilt = training_run(rebuild)
     assert rebuilt.data.metrics == original.data.metrics
     # The same inputs, byte for byte: no run id or path of one machine enters them.
-    rebuilt_inputs = {
-        k.removeprefix("dvc.deps."): v
-        for k, v in rebuilt.data.tags.items()
-        if k.startswith("dvc.deps.")
-    }
-    assert rebuilt_inputs == recorded
+    assert recorded_deps(client_for(rebuild), rebuilt.info.run_id)[0] == recorded
+    assert rebuilt.data.tags[DEPS_TAG] == tags[DEPS_TAG]
     weights = [torch.load(r / "data/train/model.pt", weights_only=True) for r in (repo, rebuild)]
     assert torch.equal(*(w["token_embedding_table.weight"] for w in weights))
 

@@ -94,7 +94,10 @@ def server(handler, mode: str = "", tls: ssl.SSLContext | None = None) -> Iterat
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [("503", "cannot serve its API (HTTP 503"), ("hang", "did not answer its API within 5 s")],
+    [
+        ("503", "cannot serve its API (HTTP 503"),
+        ("hang", f"did not answer its API within {store.SERVER_PROBE_TIMEOUT_S} s"),
+    ],
 )
 def test_a_server_whose_api_fails_while_health_answers_is_named_within_seconds(
     monkeypatch, mode, expected

@@ -36,6 +36,7 @@ from tests.experiments import (
     check_registry,
     failed_task_logs,
     queue,
+    start_queue,
     training_runs,
     wait_for_queue,
 )
@@ -303,7 +304,7 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
 
         env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
         names = queue(repo, env, ["train.lr=1.5e-2", "train.batch_size=48"])
-        run(["dvc", "queue", "start", "-j", "2"], repo, env)
+        start_queue(repo, env, jobs=2)
         status = wait_for_queue(repo, env, experiments=2)
         assert status.count("Success") == 2, status + failed_task_logs(repo, env, status)
 

@@ -177,10 +177,11 @@ def test_editing_code_or_a_sample_param_reruns_exactly_the_affected_stages(train
     model_py.write_text(original)
 
     # The served model's default temperature is sample.temperature: training logs a new version.
+    # check: every params change is checked first (pipeline/check.py).
     update_params(repo, sample={"temperature": 0.8})
-    assert changed_stages(repo, env) == {"train", "sample"}
+    assert changed_stages(repo, env) == {"check", "train", "sample"}
     dry = run(["dvc", "repro", "--dry"], repo, env).stdout
-    assert set(re.findall(r"Running stage '(\w+)'", dry)) == {"train", "sample", "link"}
+    assert set(re.findall(r"Running stage '(\w+)'", dry)) == {"check", "train", "sample", "link"}
 
 
 # Byte-identical outputs --------------------------------------------------------------------

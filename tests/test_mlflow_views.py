@@ -1,0 +1,107 @@
+"""MLflow opens on what this project is (issue 17): a model-training experiment, runs named for
+what they are, and the rebuild record in one artifact rather than a column per dep. Every check
+reads the store through MLflow's client, as the UI reads it through the same API."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from mlflow import MlflowClient
+from ruamel.yaml import YAML
+
+from pipeline.reproducibility import DEPS_ARTIFACT, DEPS_TAG
+from pipeline.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from testbed import mlflow_runs, run, run_stage, update_params
+
+EXPERIMENT = "bigram"
+# Tags MLflow's runs table shows as columns: all but its own `mlflow.*` ones. Measured on the
+# trained repo: 22 over all its runs (45 when each of the 24 train deps was a `dvc.deps.<path>`
+# tag).
+MAX_TAG_COLUMNS = 22
+
+
+def client_for(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs_by_stage(repo: Path) -> dict[str, list]:
+    runs: dict[str, list] = {}
+    for found in mlflow_runs(repo):
+        runs.setdefault(found.data.tags.get("stage"), []).append(found)
+    return runs
+
+
+def recorded_deps(client: MlflowClient, run_id: str) -> tuple[dict[str, str], bytes]:
+    """A training run's rebuild/deps.json, fetched from its artifacts: (dep -> md5, its bytes)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(client.download_artifacts(run_id, DEPS_ARTIFACT, directory))
+        data = path.read_bytes()
+    return json.loads(data), data
+
+
+def test_the_experiment_is_a_model_training_experiment(trained_repo):
+    repo, _ = trained_repo
+    experiment = client_for(repo).get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags.get(EXPERIMENT_KIND_TAG) == MODEL_TRAINING_KIND
+
+
+def test_an_existing_experiment_of_another_kind_becomes_a_model_training_one(prepared_copy):
+    """A store made before the kind was set, or an experiment a user switched to GenAI."""
+    repo, env = prepared_copy
+    client = client_for(repo)
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+
+    assert run_stage("download", repo, env).returncode == 0
+
+    tags = client.get_experiment(experiment_id).tags
+    assert tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
+
+
+def test_every_run_of_a_repro_is_named_for_what_it_is(trained_repo):
+    repo, env = trained_repo
+    # The fixture's run was made before its final commit.
+    commit = run(["git", "rev-parse", "--short", "HEAD~1"], repo, env).stdout.strip()
+    names = {stage: [r.info.run_name for r in runs] for stage, runs in runs_by_stage(repo).items()}
+    assert names == {
+        "download": ["download shakespeare"],
+        "vocab": ["vocab shakespeare"],
+        "train": [f"main@{commit}"],
+        "evaluate": [f"evaluate of main@{commit}"],
+        "sample": [f"sample of main@{commit}"],
+    }
+
+
+def test_runs_on_another_corpus_name_it(prepared_copy):
+    """A training on the user's own text is not named like the Shakespeare one of the commit."""
+    repo, env = prepared_copy
+    update_params(repo, data={"name": "lunyu"})
+    for stage in ("download", "train"):
+        assert run_stage(stage, repo, env).returncode == 0
+    commit = run(["git", "rev-parse", "--short", "HEAD"], repo, env).stdout.strip()
+    runs = runs_by_stage(repo)
+    assert runs["download"][-1].info.run_name == "download lunyu"
+    assert [r.info.run_name for r in runs["train"]] == [f"main@{commit} (lunyu)"]
+
+
+def test_a_training_run_records_its_deps_in_one_artifact_not_as_columns(trained_repo):
+    repo, _ = trained_repo
+    client = client_for(repo)
+    (training,) = runs_by_stage(repo)["train"]
+    tags = training.data.tags
+    assert not [key for key in tags if key.startswith("dvc.deps.")]
+
+    deps, data = recorded_deps(client, training.info.run_id)
+    lock = YAML(typ="safe").load(repo / "dvc.lock")["stages"]["train"]["deps"]
+    assert deps == {dep["path"]: dep["md5"] for dep in lock}
+    assert tags[DEPS_TAG] == hashlib.sha256(data).hexdigest()
+    # What users compare stays a metric.
+    assert {"train_loss", "val_loss"} <= training.data.metrics.keys()
+
+    columns = {
+        key for r in mlflow_runs(repo) for key in r.data.tags if not key.startswith("mlflow.")
+    }
+    assert len(columns) <= MAX_TAG_COLUMNS, sorted(columns)
