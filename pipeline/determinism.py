@@ -9,8 +9,8 @@ train and evaluate stages byte-identical on every x86-64 CPU with AVX2 and the s
 
 The level pinned is AVX2 wherever the CPU has it (every x86-64 CPU with AVX-512 has it too, as
 has nearly every x86-64 CPU since 2015), and the portable DEFAULT kernels elsewhere, whose
-results differ from AVX2's. DEFAULT everywhere would reproduce on older CPUs too, but costs
-about 9x the training steps at V = 65 and 3.5x at V = 4096 (`make bench`, target ``kernels``).
+results differ from AVX2's. DEFAULT everywhere would reproduce on older CPUs too, but AVX2
+trains 1.1x as fast at V = 65 and 2.3x at V = 4096 (`make bench`, target ``kernels``).
 Whether the CPU has AVX2 is read from /proc/cpuinfo, before torch loads; where there is none
 (macOS, Windows), DEFAULT is pinned.
 
