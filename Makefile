@@ -3,21 +3,32 @@
 # requirements.lock (the set the tests passed with); `make lock` refreshes that file.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU-only machines pass TORCH_REQUIREMENT=torch==<version> to take the small CPU wheel.
+# PyTorch's build. PyPI's torch for Linux is the CUDA build (GBs of nvidia-* wheels), so Linux
+# without a working `nvidia-smi` takes the CPU wheel from PyTorch's own index; elsewhere PyPI's.
+# Setting TORCH_REQUIREMENT or TORCH_INDEX_URL (empty: pip's own index) skips this guess; CI sets
+# TORCH_REQUIREMENT=torch==2.13.0, which pip finds in its local wheel folder.
+TORCH_CPU_INDEX_URL := https://download.pytorch.org/whl/cpu
+ifeq ($(origin TORCH_REQUIREMENT)$(origin TORCH_INDEX_URL),undefinedundefined)
+# Deferred (=): runs nvidia-smi only when the install recipe needs it.
+TORCH_INDEX_URL = $(shell [ "$$(uname -s)" = Linux ] && ! nvidia-smi >/dev/null 2>&1 \
+	&& echo $(TORCH_CPU_INDEX_URL))
+endif
 TORCH_REQUIREMENT ?= torch
+# torch alone from that index: its dependencies come with the project's, at the lock's versions.
+TORCH_INDEX_ARGS = $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL) --no-deps)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install lock repro pipeline-lock test lint format bench gpu-check clean
+.PHONY: install lock repro pipeline-lock plots test lint format bench gpu-check clean
 
 install: $(STAMP)
 
-# The lock leaves torch out (TORCH_REQUIREMENT picks the build) but pins its dependencies.
+# The lock leaves torch out (the TORCH_ knobs pick the build) but pins its dependencies.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --constraint $(LOCK) "$(TORCH_REQUIREMENT)"
+	$(BIN)/pip install --quiet --constraint $(LOCK) $(TORCH_INDEX_ARGS) "$(TORCH_REQUIREMENT)"
 	$(BIN)/pip install --quiet --constraint $(LOCK) -e '.[dev]'
 	touch $@
 
@@ -37,7 +48,13 @@ repro: $(STAMP)
 # clone reproduces byte for byte. Run after any change to pipeline/, dvc.yaml or params.yaml.
 pipeline-lock: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	git add dvc.lock data/evaluate/metrics.json
+	git add dvc.lock data/evaluate/metrics.json data/train/loss_curve.csv
+
+# DVC's plots page with vega inlined, drawn without a network: dvc_plots/index.html.
+# `make plots PLOTS="diff main <exp>"` compares revisions; PLOTS takes any `dvc plots` arguments.
+PLOTS ?= show
+plots: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/offline_plots.py $(PLOTS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ruff check .

@@ -25,6 +25,7 @@ import http.server
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -125,6 +126,21 @@ def copy_trained_repo(trained: Path, destination: Path) -> Path:
     return destination
 
 
+def copy_repo_with_store(source: Path, destination: Path) -> Path:
+    """A repo copy with its MLflow store, whose runs then go on in the copy.
+
+    The store records the experiment's artifact directory as an absolute path: it is pointed
+    at the copy's own, so that artifacts logged in the copy do not land in the source.
+    """
+    shutil.copytree(source, destination, symlinks=True)
+    with contextlib.closing(sqlite3.connect(destination / "mlflow.db")) as db, db:
+        db.execute(
+            "UPDATE experiments SET artifact_location = ?",
+            ((destination / "mlartifacts").as_uri(),),
+        )
+    return destination
+
+
 # Processes ----------------------------------------------------------------------------------
 
 
@@ -210,6 +226,30 @@ def assert_one_line_error(result, *mentions: str) -> str:
     for mention in mentions:
         assert mention in lines[0], (mention, lines[0])
     return lines[0]
+
+
+# The link stage's command line as DVC prints it, and what DVC itself prints after the last
+# stage (DVC 3): the lock file, then what it ran.
+LINK_COMMAND = "> python -m pipeline.link"
+DVC_TRAILING = (
+    "Updating lock file",
+    "Use `dvc push`",
+    "Ran experiment(s)",
+    "Experiment results have been applied",
+)
+
+
+def last_stage_lines(stdout: str) -> list[str]:
+    """What the last stage of `dvc repro` or `dvc exp run` printed: the link stage's lines,
+    after which DVC prints only its own."""
+    lines = stdout.splitlines()
+    assert LINK_COMMAND in lines, stdout[-3000:]
+    start = lines.index(LINK_COMMAND) + 1
+    after = lines[start:]
+    assert not any(line.startswith("Running stage") for line in after), stdout[-3000:]
+    end = next((i for i, line in enumerate(after) if line.startswith(DVC_TRAILING)), len(after))
+    assert all(not line or line.startswith(DVC_TRAILING) for line in after[end:]), after[end:]
+    return after[:end]
 
 
 def files_in(directory: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Stage 6, link: name the MLflow run that holds the workspace's model, end abandoned runs,
+"""Stage 7, link: name the MLflow run that holds the workspace's model, end abandoned runs,
 and say where to look.
 
 DVC runs this stage on every `dvc repro` and `dvc exp run` (``always_changed``), even when it
@@ -6,26 +6,29 @@ restores every other stage from its run-cache, when no other code of ours runs:
 
 - ``data/train/run.json`` names the MLflow run that trained ``data/train/model.pt`` (the latest
   finished training run tagged with the model's sha256). The train stage writes it; after DVC
-  restores a model from its run-cache, this stage rewrites it. It is a top-level metric in
+  restores a model from its run-cache, this stage rewrites it. It is a top-level params file of
   dvc.yaml, not a stage output: no hash of it enters dvc.lock, so dvc.lock stays byte-identical
-  from run to run and clone to clone, while `dvc exp show` lists the run id of every experiment
-  (see pipeline/runrecord.py for how it enters each experiment's commit).
+  from run to run and clone to clone, while `dvc exp show` lists the run id of every
+  experiment (see pipeline/runrecord.py for how it enters each experiment's commit).
 - Runs left RUNNING by a stage killed with SIGKILL (or the out-of-memory killer) on this host
   are ended KILLED, as any stage does when it starts; here this also happens when no stage runs.
 - A run.json whose run the store no longer holds (``mlflow.db`` deleted or replaced) is
   rewritten: the run that holds the model now, or none, and the stage says so.
+- A training run that lacks evaluate's metrics gets them from metrics.json: a training that
+  gave the same weights as an earlier one reruns no stage after it (see _add_evaluation).
 - Its last lines are the last a stage prints in `dvc repro` and `dvc exp run` (its deps make it
-  run after evaluate and sample): the final losses beside the uniform baseline ln(V) and the
-  bigram optimum, from metrics.json; the page of the MLflow run in the store in use (with the
-  `mlflow ui` command that serves a local store); and the version of the registered model it
-  made, with the aliases it got. Printed whenever run.json names a run, also on a no-op `dvc
-  repro`, which is where a user who comes back finds the latest result. The run's experiment id
-  and the version come from data/train/registered.json (pipeline/runrecord.py).
+  run after evaluate, register and sample): the final losses beside the uniform baseline
+  ln(V) and the bigram optimum, from metrics.json; the page of the MLflow run in the store in
+  use (with the `mlflow ui` command that serves a local store); and the version the register
+  stage made of the model, with the aliases it got. Printed whenever run.json names a run,
+  also on a no-op `dvc repro`, which is where a user who comes back finds the latest result.
+  The run's experiment id and the version come from data/train/registered.json
+  (pipeline/runrecord.py).
 
-It must stay cheap, since it runs on every no-op `dvc repro`: when run.json already names the
-model's sha256, registered.json that run, the SQLite store holds that run and no run RUNNING on
-this host, it imports neither MLflow nor torch and reads the store read-only (about 0.1 s).
-Other stores go through MLflow.
+It must stay cheap, since it runs on every no-op `dvc repro`: when run_model.json gives
+run.json's run the model's sha256, registered.json names that run, the SQLite store holds that
+run and no run RUNNING on this host, it imports neither MLflow nor torch and reads the store
+read-only (about 0.1 s). Other stores go through MLflow.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from pathlib import Path
 
 from pipeline import runrecord, store
 from pipeline.cli import stage_entry_point
-from pipeline.files import file_sha256
-from pipeline.paths import METRICS_PATH, MODEL_PATH
+from pipeline.errors import PipelineError
+from pipeline.files import file_sha256, read_json
+from pipeline.paths import METRICS_PATH, MODEL_PATH, PROBS_PLOT_PATH, SAMPLING_DEFAULTS_PATH
 
 
 def main() -> None:
@@ -74,9 +78,11 @@ def link_model() -> str | None:
     tracking.end_runs_of_dead_processes(experiment_id)
     store_uri = store.shown_uri(store.tracking_uri())
     if linked and (recorded_run_id is None or tracking.run_exists(recorded_run_id)):
-        if not _registration_recorded(recorded_run_id):
-            # Trained by an older version of the pipeline, which wrote no registered.json.
-            _record_registration(recorded_run_id)
+        if recorded_run_id is not None and not _registration_recorded(recorded_run_id):
+            # A training whose weights came out the same as an earlier one's: DVC skipped
+            # evaluate and register, whose deps did not change (or DVC restored them).
+            _add_evaluation(recorded_run_id)
+            _record_registration(recorded_run_id, model_sha256)
         runrecord.stage_for_experiment()
         return recorded_run_id
     if linked:
@@ -84,7 +90,8 @@ def link_model() -> str | None:
         print(f"link: the MLflow store {store_uri} no longer holds run {recorded_run_id}")
     run_id = tracking.find_run(experiment_id, "train", tracking.MODEL_TAG, model_sha256)
     if run_id is not None:
-        _record_registration(run_id)
+        _add_evaluation(run_id)
+        _record_registration(run_id, model_sha256)
     # A model pulled from a DVC remote may have been trained against another store.
     runrecord.write_run_record(run_id, model_sha256)
     if run_id is None:
@@ -98,21 +105,53 @@ def _registration_recorded(run_id: str | None) -> bool:
     return run_id is None or runrecord.recorded_registration(run_id) is not None
 
 
-def _record_registration(run_id: str) -> None:
-    """Look up the run's experiment and the newest model version made from it, with the aliases
-    that version holds now; record them in registered.json.
+def _add_evaluation(run_id: str) -> None:
+    """Give the training run evaluate's metrics and pictures when it lacks them.
 
-    For a model DVC restored from its run-cache, whose training ran earlier: the train stage
+    Evaluate adds them to the run that trained the model it scores. A later training that gives
+    the same weights (a change to code that does not change the result) makes a new run, while
+    DVC reruns no stage after it: without this, the run `dvc exp show` names would show only
+    the losses training logged.
+    """
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    try:
+        metrics = read_json(METRICS_PATH)
+    except PipelineError:
+        return  # No metrics.json yet: nothing to add.
+    logged = MlflowClient().get_run(run_id).data.metrics
+    if not isinstance(metrics, dict) or set(metrics) <= set(logged):
+        return
+    step = tracking.last_step(run_id, "val_loss")
+    artifacts = tuple(path for path in (METRICS_PATH, PROBS_PLOT_PATH) if path.is_file())
+    tracking.add_to_run(run_id, metrics, step, artifacts)
+
+
+def _record_registration(run_id: str, model_sha256: str) -> None:
+    """Look up the run's experiment and the newest model version that serves the workspace's
+    model (its weights and its sampling defaults), with the aliases that version holds now;
+    record them in registered.json.
+
+    The version may come from an earlier training that gave the same weights. For a model DVC
+    restored from its run-cache, or whose register stage it skipped: the register stage
     records its own registration. MLflow is loaded here (the slow path).
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from pipeline import tracking
+
     client = MlflowClient()
     experiment_id = client.get_run(run_id).info.experiment_id
+    served = f"tags.`{tracking.MODEL_TAG}` = '{model_sha256}'"
+    if SAMPLING_DEFAULTS_PATH.is_file():
+        defaults_sha256 = file_sha256(SAMPLING_DEFAULTS_PATH)
+        served += f" and tags.`{tracking.SAMPLING_DEFAULTS_TAG}` = '{defaults_sha256}'"
     try:
-        # Whatever the name: the training registered its version under tracking's name then.
-        found = client.search_model_versions(f"run_id = '{run_id}'")
+        # Whatever the name: the registration used tracking's name then.
+        found = client.search_model_versions(served)
     except MlflowException:
         found = []  # A store without a registry: the summary says no version holds it.
     newest = max(found, key=lambda version: version.creation_timestamp, default=None)

@@ -188,13 +188,13 @@ class Params:
     sample: SampleParams
     tracking: TrackingParams
 
-    def flat(self) -> dict[str, Any]:
-        """Every param as ``section.name: value`` (the names `dvc params diff` shows), for logging:
-        a URL's password is masked."""
+    def flat(self, *sections: str) -> dict[str, Any]:
+        """The params of the named sections (default: all) as ``section.name: value``, the names
+        `dvc params diff` shows, for logging: a URL's password is masked."""
         return {
-            f"{section.name}.{key}": masked(value) if isinstance(value, str) else value
-            for section in dataclasses.fields(self)
-            for key, value in dataclasses.asdict(getattr(self, section.name)).items()
+            f"{name}.{key}": masked(value) if isinstance(value, str) else value
+            for name in sections or [field.name for field in dataclasses.fields(self)]
+            for key, value in dataclasses.asdict(getattr(self, name)).items()
         }
 
 

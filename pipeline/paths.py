@@ -30,12 +30,15 @@ MANIFEST_FIELDS = {"corpus_sha256": str}
 # train
 MODEL_PATH = DATA_DIR / "train" / "model.pt"
 LOSS_CURVE_PATH = DATA_DIR / "train" / "loss_curve.csv"
-# Written by train and by link; a top-level metric of dvc.yaml, not a stage output.
+# Written by train and by link; a top-level params file of dvc.yaml, not a stage output.
 RUN_INFO_PATH = DATA_DIR / "train" / "run.json"
 
 # evaluate
 METRICS_PATH = DATA_DIR / "evaluate" / "metrics.json"
 PROBS_PLOT_PATH = DATA_DIR / "evaluate" / "next_char_probs.png"
+
+# register: the served model's sampling defaults (the name pipeline.textgen gives the file)
+SAMPLING_DEFAULTS_PATH = DATA_DIR / "register" / "sampling_defaults.json"
 
 # sample
 SAMPLE_PATH = DATA_DIR / "sample" / "sample.txt"

@@ -1,4 +1,4 @@
-"""Stage 5, sample: generate text from the trained model, starting from a newline.
+"""Stage 6, sample: generate text from the trained model, starting from a newline.
 
 The text is written to data/sample/sample.txt and logged into the stage's own child run of the
 training run (found by model.pt's sha256), and added to the training run. Sampling is seeded
@@ -6,8 +6,6 @@ training run (found by model.pt's sha256), and added to the training run. Sampli
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import mlflow
 
@@ -27,10 +25,9 @@ def main() -> None:
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
     training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
-    stage_params = {f"sample.{name}": value for name, value in dataclasses.asdict(config).items()}
 
     with (
-        tracking.model_run("sample", params, training_run, stage_params),
+        tracking.model_run("sample", params, training_run, params.flat("sample")),
         outputs_removed_on_failure(SAMPLE_PATH),
     ):
         generator = TextGenerator(model, chars, defaults=config)

@@ -59,7 +59,6 @@ from pipeline.textgen import (
     check_total,
     checked_request,
     read_sampling_defaults,
-    write_sampling_defaults,
 )
 
 MODEL_ARTIFACT = "model"
@@ -67,6 +66,8 @@ GENERATOR_ARTIFACT = "generator"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DVC_EXPERIMENT_TAG = "dvc.exp_name"
+# The dvc.yaml stage that runs this module, whose code deps the logged models carry.
+REGISTER_STAGE = "register"
 
 
 @dataclass(frozen=True)
@@ -156,32 +157,33 @@ def _is_gap(value) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
-def log_models(
-    model: BigramLanguageModel, params: Params, run_id: str, losses: dict[str, float], step: int
-) -> tuple[list[str], Registration]:
+def log_and_register(
+    model: BigramLanguageModel,
+    defaults_path: Path,
+    params: Params,
+    training_run: str,
+    metrics: dict[str, float],
+    step: int,
+    version_tags: dict[str, str],
+) -> Registration:
     """Log both flavours into the active run at ``step`` and register the generator as a new
-    version; returns the two logged models' ids and the version.
+    version of the training run's model, with ``version_tags`` among its tags; return it.
 
-    MLflow links the run's metrics logged at ``step`` to the logged models, so they show the
-    final losses when ``step`` is the last one.
+    MLflow links the active run's metrics logged at ``step`` to the logged models, so they show
+    evaluate's metrics when the stage has logged them there.
     """
-    with (
-        model_code() as code_paths,
-        tempfile.TemporaryDirectory(prefix="bigram-defaults-") as scratch,
-    ):
-        defaults_path = write_sampling_defaults(params.sample, Path(scratch))
-        pytorch_model_id = log_pytorch_model(model, defaults_path, step, code_paths)
+    with model_code() as code_paths:
+        log_pytorch_model(model, defaults_path, step, code_paths)
         generator = log_text_generator(MODEL_PATH, VOCAB_PATH, defaults_path, step, code_paths)
-    registration = register_version(generator.model_uri, params, run_id, losses)
-    return [pytorch_model_id, generator.model_id], registration
+    return register_version(generator.model_uri, params, training_run, metrics, version_tags)
 
 
 @contextlib.contextmanager
 def model_code() -> Iterator[list[str]]:
-    """The pipeline modules the logged models carry: the train stage's code deps in dvc.yaml.
+    """The pipeline modules the logged models carry: the register stage's code deps in dvc.yaml.
 
-    The registered model then holds exactly the code that `dvc repro` reruns training for, so a
-    change to any module it needs makes a new version. Outside a project, the whole package.
+    The registered model then holds exactly the code that `dvc repro` reruns this stage for, so
+    a change to any module it needs makes a new version. Outside a project, the whole package.
     The copy lives in a temporary directory for as long as the models are being logged.
     """
     package = Path(__file__).resolve().parent
@@ -191,7 +193,7 @@ def model_code() -> Iterator[list[str]]:
     with tempfile.TemporaryDirectory(prefix="bigram-code-") as scratch:
         target = Path(scratch) / package.name
         target.mkdir()
-        for dep in reproducibility.stage_deps(reproducibility.TRAIN_STAGE):
+        for dep in reproducibility.stage_deps(REGISTER_STAGE):
             path = Path(dep)
             if path.parent.name == package.name and path.suffix == ".py":
                 shutil.copy2(path, target / path.name)
@@ -278,33 +280,44 @@ def log_text_generator(
 
 
 def register_version(
-    model_uri: str, params: Params, run_id: str, metrics: dict[str, float]
+    model_uri: str,
+    params: Params,
+    training_run: str,
+    metrics: dict[str, float],
+    version_tags: dict[str, str],
 ) -> Registration:
     """Register the generator as a new version of the registered model; return it and its aliases.
 
-    The version is tagged with its metrics and every ``train.*`` param (named as the run logs
-    them), and described in one line. The registry numbers versions itself: parallel trainings
-    (``dvc queue start -j 4``) each get their own version, the SQL store retrying when two claim
-    the same number.
+    The version is tagged with its metrics, ``version_tags`` and every ``train.*`` param of the
+    training run (named as the run logs them), and described in one line. The train params are
+    read from the training run, not params.yaml: they are the ones the weights were trained
+    with. The registry numbers versions itself: parallel trainings (``dvc queue start -j 4``)
+    each get their own version, the SQL store retrying when two claim the same number.
     """
     name = params.tracking.registered_model_name
-    train = params.train
+    client = mlflow.MlflowClient()
+    trained = client.get_run(training_run).data
+    train_params = {key: value for key, value in trained.params.items() if key.startswith("train.")}
     tags = {
         **{key: f"{value:.6f}" for key, value in metrics.items()},
-        **{key: str(value) for key, value in params.flat().items() if key.startswith("train.")},
+        **train_params,
+        **version_tags,
     }
-    client = mlflow.MlflowClient()
     # The DVC experiment's name, which the training run carries, names the version too.
-    experiment_name = client.get_run(run_id).data.tags.get(DVC_EXPERIMENT_TAG)
+    experiment_name = trained.tags.get(DVC_EXPERIMENT_TAG)
     if experiment_name:
         tags[DVC_EXPERIMENT_TAG] = experiment_name
     try:
         version = mlflow.register_model(model_uri, name, tags=tags)
+        settings = ", ".join(
+            f"{key.removeprefix('train.')} {train_params[key]}"
+            for key in ("train.lr", "train.batch_size", "train.seed")
+            if key in train_params
+        )
         description = (
-            f"Bigram model of run {run_id}: "
+            f"Bigram model of training run {training_run}: "
             + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
-            + f" after {train.max_iters} steps (lr {train.lr}, batch_size {train.batch_size},"
-            f" seed {train.seed})"
+            + f" after {train_params.get('train.max_iters', '?')} steps ({settings})"
         )
         client.update_model_version(name, version.version, description=description)
         aliases = set_aliases(client, name, version.version, metrics.get("val_loss"))

@@ -1,9 +1,10 @@
 """The MLflow runs of the stages: runs that always end, found again by what they made.
 
-Every stage logs into a run that ends FINISHED, FAILED or KILLED (``stage_run``); evaluate and
-sample log into child runs of the training run and add their results to it without resuming it
-(``model_run``, ``add_to_run``). Later stages find the run that made their input by the input's
-sha256, tagged on the run (``find_run``), so no run id enters a file DVC hashes. Where the store
+Every stage logs into a run that ends FINISHED, FAILED or KILLED (``stage_run``); evaluate,
+register and sample log into child runs of the training run, and evaluate and sample add their
+results to it without resuming it (``model_run``, ``add_to_run``). Later stages find the run
+that made their input by the input's sha256, tagged on the run (``find_run``), so no run id
+enters a file DVC hashes. Where the store
 is and how it is opened is pipeline.store's business.
 """
 
@@ -51,6 +52,10 @@ DATASET_LOG_ATTEMPTS = 3
 MODEL_TAG = "model_sha256"
 MANIFEST_TAG = "manifest_sha256"
 CORPUS_TAG = "corpus_sha256"
+# On each registered version, with MODEL_TAG: the training run of its weights, and the sha256
+# of the sampling defaults it serves with (data/register/sampling_defaults.json).
+TRAINING_RUN_TAG = "training_run_id"
+SAMPLING_DEFAULTS_TAG = "sampling_defaults_sha256"
 # data.name of the committed params.yaml: a training run names its corpus only when it differs.
 DEFAULT_CORPUS = "shakespeare"
 
@@ -293,8 +298,9 @@ def log_training_inputs(
 ) -> None:
     """Params, tags, lineage and datasets of the active training run, so that a model can be
     traced to its data and code."""
-    # Every param once, named as DVC names it (`train.lr`, `sample.temperature`).
-    mlflow.log_params(params.flat())
+    # The params training reads, named as DVC names them (`train.lr`, `data.name`); the sample
+    # params go on the register and sample stages' runs.
+    mlflow.log_params(params.flat("data", "train"))
     run = mlflow.active_run()
     experiment_id = run.info.experiment_id
     lineage = {
@@ -314,9 +320,8 @@ def log_training_inputs(
     )
 
 
-def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | None = None) -> None:
-    """Log one point of the loss curve into the active run, each loss linked to its split (and
-    to a logged model).
+def log_losses(point: dict, datasets: dict[str, MetaDataset]) -> None:
+    """Log one point of the loss curve into the active run, each loss linked to its split.
 
     One write for both losses: mlflow.log_metric makes several store round trips per metric
     (~9 ms a metric on SQLite, 1.8 s for the 101 eval points of 30,000 steps). The splits are
@@ -329,7 +334,6 @@ def log_losses(point: dict, datasets: dict[str, MetaDataset], model_id: str | No
             point[f"{split}_loss"],
             now,
             point["step"],
-            model_id=model_id,
             dataset_name=datasets[split].name,
             dataset_digest=datasets[split].digest,
         )

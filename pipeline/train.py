@@ -1,4 +1,4 @@
-"""Stage 3, train: fit the bigram model and log it, with its loss curve, to MLflow.
+"""Stage 3, train: fit the bigram model; log its params and loss curve to MLflow.
 
 The loops themselves are in ``pipeline.training``: ``method: minibatch`` is the lecture's AdamW
 loop, ``method: counts`` full-batch L-BFGS on the bigram counts. At every eval point the exact
@@ -9,6 +9,8 @@ there, never per step.
 The run is named after the DVC experiment (``<branch>@<short commit>`` under a plain `dvc repro`)
 and tagged with the sha256 of model.pt, by which evaluate, sample and the link stage find it:
 no run id enters a file DVC hashes. data/train/run.json, which `dvc exp show` lists, names it.
+Logging the model for serving and registering it is the register stage's job (pipeline/register.py),
+so training reads only the data and train params, and a change to serving never retrains.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import reproducibility, runrecord, serving, tracking
+from pipeline import reproducibility, runrecord, tracking
 from pipeline.cli import stage_entry_point
 from pipeline.counts import bigram_counts
 from pipeline.data import load_encoded_corpus, to_device_tokens
@@ -69,10 +71,7 @@ def train_model(
     config: TrainParams,
     datasets: dict,
 ) -> list[dict]:
-    """Fit the model; log the exact losses at every eval point but the last; return the curve.
-
-    The final point is logged with the models, so that MLflow links it to them.
-    """
+    """Fit the model; log the exact losses at every eval point; return the curve."""
     curve: list[dict] = []
     progress = tqdm(
         total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr
@@ -82,8 +81,7 @@ def train_model(
         train_loss, val_loss = exact_losses(model, splits["train_counts"], splits["val_counts"])
         check_losses_finite(step, train_loss, val_loss, config)
         curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-        if step < config.max_iters:
-            tracking.log_losses(curve[-1], datasets)
+        tracking.log_losses(curve[-1], datasets)
         tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     fit(model, splits["train_tokens"], splits["train_counts"], config, on_eval, progress)
@@ -126,23 +124,8 @@ def train_and_log(params: Params) -> None:
         tracking.log_training_inputs(params, corpus_sha256, run_tags, datasets)
         curve = train_model(model, splits, config, datasets)
         save_outputs(model, curve)
-        final = curve[-1]
-        losses = {"train_loss": final["train_loss"], "val_loss": final["val_loss"]}
-        model_ids, registration = serving.log_models(
-            model, params, run.info.run_id, losses, config.max_iters
-        )
-        for model_id in model_ids:
-            tracking.log_losses(final, datasets, model_id)
         model_sha256 = file_sha256(MODEL_PATH)
         mlflow.set_tag(tracking.MODEL_TAG, model_sha256)
-        # Where the link stage's summary points: the run's page and the version it registered.
-        runrecord.write_registration(
-            run.info.run_id,
-            run.info.experiment_id,
-            registration.model_name,
-            registration.version,
-            registration.aliases,
-        )
         runrecord.write_run_record(run.info.run_id, model_sha256)
 
 

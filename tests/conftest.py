@@ -8,9 +8,6 @@ benchmarks share.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,8 @@ from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from testbed import (
     commit_all,
+    copy_repo_with_store,
+    copy_trained_repo,
     make_fast_repo_copy,
     run,
     serve_directory,
@@ -74,15 +73,7 @@ def prepared_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, st
 def prepared_copy(prepared_repo, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A private copy of prepared_repo (seconds cheaper than running download and vocab again)."""
     template, env = prepared_repo
-    repo = tmp_path / "repo"
-    shutil.copytree(template, repo, symlinks=True)
-    # The store records the experiment's artifact directory as an absolute path; point it at the
-    # copy's own, so that artifacts logged here do not land in the template.
-    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db, db:
-        db.execute(
-            "UPDATE experiments SET artifact_location = ?", ((repo / "mlartifacts").as_uri(),)
-        )
-    return repo, dict(env)
+    return copy_repo_with_store(template, tmp_path / "repo"), dict(env)
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +89,14 @@ def trained_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str
     run(["dvc", "repro"], repo, env)
     commit_all(repo, env, "baseline run")
     return repo, env
+
+
+@pytest.fixture(scope="session")
+def trained_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """A copy of the trained repo (a new MLflow store) after one `dvc exp run` that trains,
+    and that run's stdout. Tests that run more work in their own copy
+    (testbed.copy_repo_with_store)."""
+    trained, env = trained_repo
+    repo = copy_trained_repo(trained, tmp_path_factory.mktemp("experiment") / "repo")
+    result = run(["dvc", "exp", "run", "-S", "train.seed=8"], repo, env)
+    return repo, env, result.stdout

@@ -127,7 +127,7 @@ def check_experiments_in_store(
 def check_registry(client: MlflowClient, runs: list) -> None:
     """One model version per training, numbered without gaps or repeats, metrics attached."""
     versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
-    by_run = {version.run_id: version for version in versions}
+    by_run = {version.tags["training_run_id"]: version for version in versions}
     assert sorted(int(v.version) for v in versions) == list(range(1, len(versions) + 1))
     for found in runs:
         version = by_run[found.info.run_id]

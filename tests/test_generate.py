@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.params import load_params
+from pipeline.textgen import write_sampling_defaults
 from testbed import REPO_ROOT, update_params, write_committed_params
 
 CHARS = list("\n !',.:;?ABCDEIJLMNORTUaehilmnorstuy")
@@ -85,7 +86,9 @@ def test_every_form_of_a_logged_model_generates_the_same_text(workspace, capsys)
     model = BigramLanguageModel(len(CHARS))
     model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
     with tracking.stage_run("train", params) as run:
-        serving.log_models(model, params, run.info.run_id, {"train_loss": 3, "val_loss": 3}, 0)
+        defaults = write_sampling_defaults(params.sample, Path.cwd())
+        metrics = {"train_loss": 3.0, "val_loss": 3.0}
+        serving.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
     run_id = run.info.run_id
     local_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/generator", dst_path="dl")
 

@@ -137,7 +137,9 @@ def log_generator(workspace: Path) -> str:  # noqa: F811
     model = BigramLanguageModel(len(CHARS))
     model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
     with tracking.stage_run("train", params) as run:
-        serving.log_models(model, params, run.info.run_id, {"train_loss": 3, "val_loss": 3}, 0)
+        defaults = textgen.write_sampling_defaults(params.sample, Path.cwd())
+        metrics = {"train_loss": 3.0, "val_loss": 3.0}
+        serving.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
     return run.info.run_id
 
 

@@ -71,6 +71,7 @@ def test_every_run_of_a_repro_is_named_for_what_it_is(trained_repo):
         "vocab": ["vocab shakespeare"],
         "train": [f"main@{commit}"],
         "evaluate": [f"evaluate of main@{commit}"],
+        "register": [f"register of main@{commit}"],
         "sample": [f"sample of main@{commit}"],
     }
 

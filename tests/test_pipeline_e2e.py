@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from testbed import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
 
 pytestmark = pytest.mark.e2e
-STAGES = ("check", "download", "vocab", "train", "evaluate", "sample", "link")
+STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +78,24 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
         "vocab": 1,
         "train": 1,
         "evaluate": 1,
+        "register": 1,
         "sample": 1,
     }
     assert all(r.info.status == "FINISHED" for found in stages.values() for r in found)
     training = stages["train"][0]
     run_id = training.info.run_id
     assert json.loads((repo / "data/train/run.json").read_text())["mlflow_run_id"] == run_id
-    for stage in ("evaluate", "sample"):
+    for stage in ("evaluate", "register", "sample"):
         assert stages[stage][0].data.tags["mlflow.parentRunId"] == run_id
 
     params = training.data.params
     assert params["train.lr"] == str(FAST_TRAIN["lr"])
     assert params["train.max_iters"] == "300" and params["train.batch_size"] == "32"
     assert params["train.block_size"] == "8" and params["train.device"] == "auto"
-    assert params["data.sha256"] == CORPUS_SHA256 and params["sample.temperature"] == "1.0"
+    assert params["data.sha256"] == CORPUS_SHA256
+    # Training reads no sample param: they are the served model's, on the register run.
+    assert not any(name.startswith("sample.") for name in params)
+    assert stages["register"][0].data.params["sample.temperature"] == "1.0"
 
     # The run's final metrics are exactly metrics.json's; the curve has one point per eval.
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
@@ -118,8 +122,8 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
 
 def test_logged_model_loads_with_mlflow_and_generates(reproduced):
     repo, _, _ = reproduced
-    training = runs_by_stage(client_for(repo))["train"][0]
-    model = mlflow.pytorch.load_model(f"runs:/{training.info.run_id}/model")
+    registering = runs_by_stage(client_for(repo))["register"][0]
+    model = mlflow.pytorch.load_model(f"runs:/{registering.info.run_id}/model")
     generated = model.generate(torch.zeros((2, 1), dtype=torch.long), 20)
     assert generated.shape == (2, 21) and int(generated.max()) < 65
 
@@ -129,7 +133,7 @@ def test_unchanged_repro_runs_nothing_and_dvc_views_work(reproduced):
     second = run(["dvc", "repro"], repo, env)
     # Only the link stage, which DVC runs every time, and which logs nothing.
     assert re.findall(r"Running stage '(\w+)'", second.stdout) == ["link"]
-    assert sum(len(found) for found in runs_by_stage(client_for(repo)).values()) == 5
+    assert sum(len(found) for found in runs_by_stage(client_for(repo)).values()) == 6
 
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     assert "val_loss" in json.dumps(shown)
@@ -170,7 +174,7 @@ def test_mlflow_ui_started_in_the_repo_shows_the_runs(reproduced):
             headers={"Content-Type": "application/json"},
         )
         runs = json.load(urllib.request.urlopen(search, timeout=10))["runs"]
-        assert len(runs) == 5
+        assert len(runs) == 6
         assert {r["info"]["status"] for r in runs} == {"FINISHED"}
         training_run_id = json.loads((repo / "data/train/run.json").read_text())["mlflow_run_id"]
         artifact = urllib.request.urlopen(

@@ -1,8 +1,9 @@
 """A stage is quiet about MLflow (issue 17): no MLflow warning, INFO line or progress bar in a
 normal run's output, and MLflow's usage telemetry off unless the user turns it on.
 
-The train stage runs for real (`python -m pipeline.train`, as DVC runs it) with PROBE as the
-process's sitecustomize: Python loads it at start-up, before the stage, and it reports MLflow's
+The train and register stages run for real (`python -m pipeline.train`, as DVC runs them) with
+PROBE as the process's sitecustomize: Python loads it at start-up, before the stage, and it
+reports MLflow's
 switches as the environment held them when the stage imported mlflow, which is when MLflow
 reads them (MLflow decides then whether to make its telemetry client), and at exit.
 """
@@ -57,17 +58,21 @@ def probed_stage(stage: str, repo, env: dict[str, str], probe_dir) -> tuple[str,
     return rest, json.loads(probed[0].removeprefix(PROBE_PREFIX))
 
 
-def test_the_train_stage_prints_nothing_of_mlflow_and_sends_no_telemetry(prepared_copy, tmp_path):
+def test_train_and_register_print_nothing_of_mlflow_and_send_no_telemetry(prepared_copy, tmp_path):
     repo, env = prepared_copy
     # As a user's shell has it: pytest's own variable would make MLflow skip telemetry anyway.
     env.pop("PYTEST_CURRENT_TEST", None)
 
-    output, seen = probed_stage("train", repo, env, tmp_path / "probe")
+    trained, _ = probed_stage("train", repo, env, tmp_path / "probe")
+    run_stage("evaluate", repo, env, timeout=300)
+    output, seen = probed_stage("register", repo, env, tmp_path / "probe")
 
-    # MLflow's pickle warning, its INFO lines and its tqdm bars while it logs the models.
+    # MLflow's pickle warning, its INFO lines and its tqdm bars while register logs the models.
     for noise in ("WARNING mlflow", "INFO mlflow", "Downloading artifacts"):
+        assert noise not in trained, trained
         assert noise not in output, output
-    assert "train loss" in output and "Created version" in output, output
+    assert "train loss" in trained, trained
+    assert "Created version" in output, output
     # Off before MLflow loads: it never makes the telemetry client, never starts its threads.
     assert seen["at_mlflow_import"] == {
         "MLFLOW_DISABLE_TELEMETRY": "true",

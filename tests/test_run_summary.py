@@ -15,27 +15,14 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline import runrecord, store
-from testbed import copy_trained_repo, mlflow_runs, run, run_stage
+from testbed import copy_trained_repo, last_stage_lines, mlflow_runs, run, run_stage
 
 MODEL_NAME = "bigram-shakespeare"
-LINK_COMMAND = "> python -m pipeline.link"
-# What DVC itself prints after the last stage (DVC 3): the lock file, then what it ran.
-DVC_TRAILING = (
-    "Updating lock file",
-    "Use `dvc push`",
-    "Ran experiment(s)",
-    "Experiment results have been applied",
-)
 
 
-@pytest.fixture(scope="module")
-def experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
-    """A copy of the trained repo (a new MLflow store) after one `dvc exp run` that trains;
-    and that run's stdout."""
-    trained, env = trained_repo
-    repo = copy_trained_repo(trained, tmp_path_factory.mktemp("summary") / "repo")
-    result = run(["dvc", "exp", "run", "-S", "train.seed=8"], repo, env)
-    return repo, env, result.stdout
+@pytest.fixture
+def experiment(trained_experiment) -> tuple[Path, dict[str, str], str]:
+    return trained_experiment
 
 
 def expected_summary(repo: Path) -> list[str]:
@@ -46,7 +33,7 @@ def expected_summary(repo: Path) -> list[str]:
     run_id, experiment_id = training.info.run_id, training.info.experiment_id
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
-    assert champion.run_id == run_id  # the first version of a new store
+    assert champion.tags["training_run_id"] == run_id  # the first version of a new store
     assert sorted(client.get_model_version(MODEL_NAME, champion.version).aliases) == [
         "challenger",
         "champion",
@@ -60,18 +47,6 @@ def expected_summary(repo: Path) -> list[str]:
         "mlflow ui --backend-store-uri sqlite:///mlflow.db)",
         f"registered model {MODEL_NAME} version {champion.version} @challenger @champion",
     ]
-
-
-def last_stage_lines(stdout: str) -> list[str]:
-    """What the last stage printed: link's lines, after which DVC prints only its own."""
-    lines = stdout.splitlines()
-    assert LINK_COMMAND in lines, stdout[-3000:]
-    start = lines.index(LINK_COMMAND) + 1
-    after = lines[start:]
-    assert not any(line.startswith("Running stage") for line in after), stdout[-3000:]
-    end = next((i for i, line in enumerate(after) if line.startswith(DVC_TRAILING)), len(after))
-    assert all(not line or line.startswith(DVC_TRAILING) for line in after[end:]), after[end:]
-    return after[:end]
 
 
 def test_a_training_experiment_ends_with_where_to_look(experiment):

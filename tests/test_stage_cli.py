@@ -21,7 +21,7 @@ from testbed import files_in, update_params
 from tests.test_faults import ENDLESS_TRAINING, start_and_wait_for_training, train_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("check", "download", "vocab", "train", "evaluate", "sample", "link")
+STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 
 
 def run_stage(stage: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

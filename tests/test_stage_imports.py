@@ -91,11 +91,21 @@ mlflow.MlflowClient().search_runs([experiment_id])
     "matplotlib": "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n",
 }
 
-STAGES = ("check", "download", "vocab", "train", "evaluate", "sample", "link", "generate")
+STAGES = (
+    "check",
+    "download",
+    "vocab",
+    "train",
+    "evaluate",
+    "register",
+    "sample",
+    "link",
+    "generate",
+)
 TRAINING = "pipeline.training"  # The training loops: the train stage's alone.
 HEATMAP = "pipeline.heatmap"  # matplotlib: the evaluate stage's alone.
-SERVING = "pipeline.serving"  # The pyfunc generator (pandas, mlflow.pyfunc): logged by train,
-# loaded by generate from an MLflow model.
+SERVING = "pipeline.serving"  # The pyfunc generator (pandas, mlflow.pyfunc): logged by
+# register, loaded by generate from an MLflow model.
 
 
 def other_stages(stage: str) -> frozenset[str]:
@@ -255,10 +265,12 @@ def remove_run_record(repo: Path) -> None:
 
 
 def run_record_names_the_model(repo: Path) -> None:
-    """The link stage's fast path needs run.json written for this model.pt (train just did)."""
-    record = json.loads((repo / "data/train/run.json").read_text())
+    """The link stage's fast path needs run.json and run_model.json written for this model.pt
+    (train just did)."""
+    run_id = json.loads((repo / "data/train/run.json").read_text())["mlflow_run_id"]
+    record = json.loads((repo / "data/train/run_model.json").read_text())
     sha256 = hashlib.sha256((repo / "data/train/model.pt").read_bytes()).hexdigest()
-    assert record["model_sha256"] == sha256 and record["mlflow_run_id"], record
+    assert record == {"mlflow_run_id": run_id, "model_sha256": sha256} and run_id, record
 
 
 # In `dvc repro`'s order, each run on the outputs of the ones before it.
@@ -297,12 +309,9 @@ RUNS = (
         "train",
         "pipeline.train",
         # Trains (torch, tqdm's progress bar), writes the loss curve (pandas), links its datasets
-        # (mlflow.data), logs the PyTorch model and registers the pyfunc generator. No plot.
-        uses=frozenset(
-            {"torch", "numpy", "pandas", "tqdm", "mlflow", "mlflow.data"}
-            | {"mlflow.pytorch", "mlflow.pyfunc"}
-        ),
-        must_not_load=other_stages("train") | {HEATMAP},
+        # (mlflow.data). No plot, and no model logged: that is register's job.
+        uses=frozenset({"torch", "numpy", "pandas", "tqdm", "mlflow", "mlflow.data"}),
+        must_not_load=other_stages("train") | {HEATMAP, SERVING},
         outputs=("data/train/model.pt", "data/train/loss_curve.csv", "data/train/run.json"),
     ),
     Run(
@@ -312,6 +321,15 @@ RUNS = (
         uses=frozenset({"torch", "numpy", "matplotlib", "mlflow"}),
         must_not_load=other_stages("evaluate") | {TRAINING, SERVING},
         outputs=("data/evaluate/metrics.json", "data/evaluate/next_char_probs.png"),
+    ),
+    Run(
+        "register",
+        "pipeline.register",
+        # Logs the PyTorch model (torch) and the pyfunc generator, whose input example is a
+        # DataFrame (pandas), and registers it. No training loop, no plot.
+        uses=frozenset({"torch", "numpy", "pandas", "mlflow", "mlflow.pytorch", "mlflow.pyfunc"}),
+        must_not_load=other_stages("register") | {TRAINING, HEATMAP},
+        outputs=("data/register/sampling_defaults.json",),
     ),
     Run(
         "sample",

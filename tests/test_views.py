@@ -9,10 +9,12 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ import torch
 from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
-from pipeline import paths, serving
+from pipeline import paths, runrecord, serving
+from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel, save_model
 from testbed import (
     REPO_ROOT,
@@ -35,7 +38,7 @@ from testbed import (
 )
 from tests.test_faults import ENDLESS_TRAINING, start_and_wait_for_training
 
-STAGES = ("check", "download", "vocab", "train", "evaluate", "sample", "link")
+STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 MODEL_NAME = "bigram-shakespeare"
 
 
@@ -91,7 +94,7 @@ def test_each_stage_declares_exactly_the_modules_it_imports():
     package_init = import_closure("pipeline.__init__") - {"pipeline.__init__"}
     for stage, spec in stages.items():
         modules = import_closure(f"pipeline.{stage}") | package_init
-        if stage == "train":
+        if stage == "register":
             # The registered pyfunc is built from this file, which serving names by path.
             modules |= import_closure("pipeline.generator_model")
         expected = {"pipeline/__init__.py"} | {m.replace(".", "/") + ".py" for m in modules}
@@ -173,15 +176,22 @@ def test_editing_code_or_a_sample_param_reruns_exactly_the_affected_stages(train
     model_py = repo / "pipeline/model.py"
     original = model_py.read_text()
     model_py.write_text(original + "\n# an edit\n")
-    assert changed_stages(repo, env) == {"train", "evaluate", "sample"}
+    assert changed_stages(repo, env) == {"train", "evaluate", "register", "sample"}
     model_py.write_text(original)
 
-    # The served model's default temperature is sample.temperature: training logs a new version.
-    # check: every params change is checked first (pipeline/check.py).
+    # The serving code: a new version of the same weights, no training.
+    serving_py = repo / "pipeline/serving.py"
+    serving_original = serving_py.read_text()
+    serving_py.write_text(serving_original + "\n# an edit\n")
+    assert changed_stages(repo, env) == {"register"}
+    serving_py.write_text(serving_original)
+
+    # The served model's default temperature is sample.temperature: register logs a new version
+    # of the same weights, and nothing retrains. check: every params change is checked first.
     update_params(repo, sample={"temperature": 0.8})
-    assert changed_stages(repo, env) == {"check", "train", "sample"}
+    assert changed_stages(repo, env) == {"check", "register", "sample"}
     dry = run(["dvc", "repro", "--dry"], repo, env).stdout
-    assert set(re.findall(r"Running stage '(\w+)'", dry)) == {"check", "train", "sample", "link"}
+    assert set(re.findall(r"Running stage '(\w+)'", dry)) == {"check", "register", "sample", "link"}
 
 
 # Byte-identical outputs --------------------------------------------------------------------
@@ -263,10 +273,11 @@ def test_a_plain_repro_run_is_named_and_logs_each_param_once_as_dvc_names_it(tra
 
 
 def exp_show(repo: Path, env: dict) -> dict[str, dict]:
-    """{experiment name: its metrics files} from `dvc exp show --json`."""
+    """{experiment name: {"metrics": its metrics files, "params": its params files}} from
+    `dvc exp show --json`."""
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env).stdout)
     return {
-        exp["name"]: exp["revs"][0]["data"]["metrics"]
+        exp["name"]: exp["revs"][0]["data"]
         for baseline in shown
         for exp in baseline.get("experiments") or []
     }
@@ -277,36 +288,162 @@ def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
     return re.search(r"Ran experiment\(s\): (\S+)", result.stdout).group(1), result.stdout
 
 
-@pytest.mark.e2e
-def test_exp_show_names_the_mlflow_run_of_every_experiment_restored_ones_too(
-    trained_repo, tmp_path
-):
-    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
+@dataclass(frozen=True)
+class Experiments:
+    """A copy of the trained repo after three `dvc exp run`s; tests only read it."""
+
+    repo: Path
+    env: dict
+    first: str  # train.lr=0.05
+    second: str  # train.lr=0.005
+    restored: str  # train.lr=0.05 again: DVC restored every stage from its run-cache
+    restored_stdout: str
+
+
+@pytest.fixture(scope="module")
+def experiments(trained_repo, tmp_path_factory) -> Experiments:
+    repo = copy_trained_repo(trained_repo[0], tmp_path_factory.mktemp("experiments") / "repo")
+    env = trained_repo[1]
     first, _ = exp_run(repo, env, "train.lr=0.05")
     second, _ = exp_run(repo, env, "train.lr=0.005")
-    # The first experiment's params again: DVC restores every stage from its run-cache.
     restored, stdout = exp_run(repo, env, "train.lr=0.05")
-    assert "Running stage 'train'" not in stdout
+    return Experiments(repo, env, first, second, restored, stdout)
+
+
+@pytest.mark.e2e
+def test_exp_show_names_the_mlflow_run_of_every_experiment_restored_ones_too(experiments):
+    repo, env = experiments.repo, experiments.env
+    first, second, restored = experiments.first, experiments.second, experiments.restored
+    assert "Running stage 'train'" not in experiments.restored_stdout
 
     trainings = {r.data.tags["dvc.exp_name"]: r for r in runs_of(repo, "train")}
     assert set(trainings) == {first, second}, "a restored experiment trains nothing"
     for name, training in trainings.items():
         assert training.info.run_name == name and training.info.status == "FINISHED"
     shown = exp_show(repo, env)
-    run_ids = {name: shown[name]["data/train/run.json"]["data"]["mlflow_run_id"] for name in shown}
+    run_ids = {
+        name: shown[name]["params"]["data/train/run.json"]["data"]["mlflow_run_id"]
+        for name in shown
+    }
     assert run_ids == {
         first: trainings[first].info.run_id,
         second: trainings[second].info.run_id,
         restored: trainings[first].info.run_id,
     }
     for name in (first, second):
-        metrics = shown[name]["data/evaluate/metrics.json"]["data"]
+        metrics = shown[name]["metrics"]["data/evaluate/metrics.json"]["data"]
         assert trainings[name].data.metrics["val_loss"] == pytest.approx(metrics["val_loss"])
 
     # The registry: lr 0.05 trains better in 300 steps than 0.005, so the champion stays.
     client = store(repo)
     assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
     assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == "2"
+
+
+# Comparison views: what a user reads in a 160-column terminal --------------------------------
+
+TERMINAL_COLUMNS = 160
+# What the README's `dvc exp show` shows of the experiments fixture, where only train.lr changed.
+COMPARED_COLUMNS = ("Experiment", "Created", "train_loss", "val_loss", "train.lr", "mlflow_run_id")
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The command of the README's Experiments section that starts with prefix, as argv: the
+    tests run what the README says."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Experiments\n", 1)[1].split("\n## ", 1)[0]
+    (line,) = [line for line in section.splitlines() if line.startswith(prefix)]
+    return shlex.split(line, comments=True)
+
+
+def in_terminal(experiments: Experiments, command: list[str]):
+    """Run a dvc command as in a 160-column terminal; DVC's failure lines go to stderr."""
+    return run(command, experiments.repo, {**experiments.env, "COLUMNS": str(TERMINAL_COLUMNS)})
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of each line of a DVC table (columns are two or more spaces apart)."""
+    return [re.split(r"\s{2,}", line.strip()) for line in stdout.splitlines() if line.strip()]
+
+
+def is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.e2e
+def test_the_readme_exp_show_fits_160_columns_with_changed_params_losses_and_run_ids(
+    experiments,
+):
+    shown = in_terminal(experiments, readme_command("dvc exp show")).stdout
+    lines = shown.splitlines()
+    assert max(len(line) for line in lines) <= TERMINAL_COLUMNS, shown
+    # Nothing folded into DVC's "…" column: every column the comparison needs, and no other.
+    (header,) = [line.split() for line in lines if "Experiment" in line]
+    assert header == [*COMPARED_COLUMNS]
+    trainings = {r.data.tags["dvc.exp_name"]: r for r in runs_of(experiments.repo, "train")}
+    rows = {
+        name: line
+        for line in lines
+        for name in (experiments.first, experiments.second, experiments.restored)
+        if f"[{name}]" in line
+    }
+    for name, lr, trained_by in (
+        (experiments.first, "0.05", experiments.first),
+        (experiments.second, "0.005", experiments.second),
+        (experiments.restored, "0.05", experiments.first),
+    ):
+        cells = rows[name].split()
+        assert cells[-2:] == [lr, trainings[trained_by].info.run_id], rows[name]
+        assert all(is_number(cell) for cell in cells[-4:-2]), rows[name]  # train and val loss
+
+
+@pytest.mark.e2e
+def test_metrics_show_and_diff_print_only_numbers_and_no_failure_line(experiments):
+    """run.json's run id is a params file's, not a metric: the metrics views hold numbers only,
+    and a revision without run.json (main commits none) is no failure."""
+    metric_names = set(json.loads((experiments.repo / paths.METRICS_PATH).read_text()))
+    shown = in_terminal(experiments, readme_command("dvc metrics show"))
+    assert "failed" not in shown.stderr, shown.stderr
+    header, *values = table_rows(shown.stdout)
+    assert header[0] == "Path" and set(header[1:]) == metric_names
+    assert values and all(is_number(cell) for row in values for cell in row[1:]), shown.stdout
+
+    for revisions in ([], ["main", experiments.second]):
+        diff = in_terminal(experiments, ["dvc", "metrics", "diff", *revisions])
+        assert "failed" not in diff.stderr, (revisions, diff.stderr)
+        header, *changes = table_rows(diff.stdout)
+        assert header[:2] == ["Path", "Metric"] and changes, diff.stdout
+        for _path, metric, *numbers in changes:
+            assert metric in metric_names and all(map(is_number, numbers)), diff.stdout
+
+    # The README's `dvc params diff`: what changed, without the run id main lacks.
+    params = in_terminal(experiments, readme_command("dvc params diff"))
+    assert "failed" not in params.stderr and "mlflow_run_id" not in params.stdout
+    assert "train.lr" in params.stdout
+
+
+def test_run_json_holds_the_run_id_alone_and_the_model_sha256_counts_for_its_run_only(
+    tmp_path, monkeypatch
+):
+    """Every key of run.json is a column of `dvc exp show`: the model's sha256, which the link
+    stage's fast path compares, is beside it, valid only for the run it was recorded for."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    paths.RUN_INFO_PATH.parent.mkdir(parents=True)
+    trained, other = "a" * 32, "b" * 32
+    runrecord.write_run_record(trained, "f" * 64)
+    assert json.loads(paths.RUN_INFO_PATH.read_text()) == {"mlflow_run_id": trained}
+    assert runrecord.recorded_run() == (trained, "f" * 64)
+    # As after `dvc exp apply` of another experiment, whose commit holds its own run.json: the
+    # sha256 is unknown, so the link stage looks the run of the model up.
+    write_json(paths.RUN_INFO_PATH, {"mlflow_run_id": other})
+    assert runrecord.recorded_run() == (other, None)
+    paths.RUN_INFO_PATH.unlink()
+    assert runrecord.recorded_run() == (None, None)
 
 
 def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets(trained_repo):
@@ -434,37 +571,40 @@ def test_plots_show_draws_one_loss_chart_and_the_heatmap_once(trained_repo):
     repo, env = trained_repo
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo, env).stdout)
     plots = shown.get("data", shown)
-    assert set(plots) == {"loss_curve", "data/evaluate/next_char_probs.png"}
+    assert set(plots) == {"data/train/loss_curve.csv", "data/evaluate/next_char_probs.png"}
     assert len(plots["data/evaluate/next_char_probs.png"]) == 1
-    (chart,) = plots["loss_curve"]
+    (chart,) = plots["data/train/loss_curve.csv"]
     spec = json.dumps(chart["content"])
     assert '"step"' in spec and "train_loss" in spec and "val_loss" in spec
     values = chart["content"]["data"]["values"]
     assert {row["step"] for row in values} == {"0", "100", "200", "300"}
-    assert {row["field"] for row in values} == {"train_loss", "val_loss"}
+    # One row per point, with both columns: the template draws train_loss beside val_loss.
+    assert all({"train_loss", "val_loss"} <= row.keys() for row in values)
 
 
-def test_metrics_are_read_from_git_and_run_json_is_a_metric(trained_repo):
-    """metrics.json is a small file DVC reads from git (cache: false). The loss curve stays in
-    DVC's cache: as an uncached plain output it would stop DVC's run-cache for train, and as a
-    stage plot DVC would draw it a second time."""
+def test_metrics_are_read_from_git_and_run_json_is_a_params_file(trained_repo):
+    """metrics.json and the loss curve are small files DVC reads from git (cache: false), so
+    `dvc plots diff main <exp>` finds every revision's curve without the cache; as a stage plot
+    the curve keeps DVC's run-cache for train. run.json, with the MLflow run id, is a top-level
+    params file: a metric of text would widen `dvc metrics show` and fail `dvc metrics diff`."""
     repo, env = trained_repo
     spec = dvc_yaml(repo)
     assert spec["stages"]["evaluate"]["metrics"] == [
         {"data/evaluate/metrics.json": {"cache": False}}
     ]
-    assert "data/train/loss_curve.csv" in spec["stages"]["train"]["outs"]
+    (curve,) = spec["stages"]["train"]["plots"]
+    assert curve["data/train/loss_curve.csv"]["cache"] is False
     tracked = run(["git", "ls-files", "data"], repo, env).stdout.split()
-    assert tracked == ["data/evaluate/metrics.json"]
+    assert tracked == ["data/evaluate/metrics.json", "data/train/loss_curve.csv"]
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
-    shown = json.dumps(metrics)
-    assert "data/train/run.json" in shown and "data/evaluate/metrics.json" in shown
+    assert [set(rev["data"]) for rev in metrics.values()] == [{"data/evaluate/metrics.json"}]
+    assert spec["params"] == ["data/train/run.json"] and "metrics" not in spec
     assert list((repo / ".dvc/cache/runs").iterdir()), "the run-cache is in use"
 
 
 def test_paths_module_names_the_paths_dvc_yaml_declares():
     spec = dvc_yaml()
-    declared = {m for m in spec["metrics"]}
+    declared = set(spec.get("params", []))
     for stage in spec["stages"].values():
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind, []):
@@ -474,11 +614,11 @@ def test_paths_module_names_the_paths_dvc_yaml_declares():
 
 
 def test_committed_outputs_are_those_of_the_default_run():
-    """metrics.json in git belongs to the committed dvc.lock."""
+    """metrics.json and the loss curve in git belong to the committed dvc.lock."""
     import hashlib
 
     lock = YAML(typ="safe", pure=True).load(REPO_ROOT / "dvc.lock")["stages"]
     recorded = {o["path"]: o["md5"] for stage in lock.values() for o in stage.get("outs", [])}
-    for name in ("data/evaluate/metrics.json",):
+    for name in ("data/evaluate/metrics.json", "data/train/loss_curve.csv"):
         content = (REPO_ROOT / name).read_bytes()
         assert hashlib.md5(content).hexdigest() == recorded[name], name

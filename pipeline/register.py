@@ -1,0 +1,76 @@
+"""Stage 5, register: log the trained model in MLflow as a servable model, and register it.
+
+A stage of its own, so that what only serving needs (the ``sample`` params, which become the
+served model's defaults, the registry name and the serving code) never retrains the model:
+`dvc exp run -S sample.temperature=0.8` reruns this stage and sample, and registers a new version
+holding the same weights and the new defaults.
+
+The two flavours (pipeline.serving) are logged into the stage's own child run of the training
+run (found by model.pt's sha256), beside evaluate's metrics at the training's last step, which
+MLflow then links to the logged models. The version is tagged with the training run
+(``training_run_id``), whose params and loss curve it was made with, and with the sha256 of the
+weights and of the defaults, by which the link stage finds the version that serves exactly the
+workspace's model.
+
+data/register/sampling_defaults.json, the defaults the served model carries, is the stage's DVC
+output: the same bytes for the same ``sample`` params. The version and its aliases are not (the
+registry numbers versions), so they go to data/train/registered.json (pipeline/runrecord.py),
+which the link stage's summary prints.
+"""
+
+from __future__ import annotations
+
+import mlflow
+
+from pipeline import runrecord, serving, tracking
+from pipeline.cli import stage_entry_point
+from pipeline.data import load_vocab
+from pipeline.files import file_sha256, outputs_removed_on_failure, read_json
+from pipeline.model import load_model
+from pipeline.params import load_params
+from pipeline.paths import METRICS_PATH, MODEL_PATH, SAMPLING_DEFAULTS_PATH, VOCAB_PATH
+from pipeline.textgen import write_sampling_defaults
+
+# What the registry's aliases and the version's tags need from evaluate's metrics.json.
+METRICS_FIELDS = {"train_loss": float, "val_loss": float}
+
+
+def main() -> None:
+    params = load_params()
+    chars = load_vocab(VOCAB_PATH)
+    model = load_model(MODEL_PATH, len(chars))
+    metrics = read_json(METRICS_PATH, METRICS_FIELDS)
+    model_sha256 = file_sha256(MODEL_PATH)
+    training_run = tracking.training_run_id(params, model_sha256)
+    # The step of the training's final losses: metrics logged there are linked to the models.
+    step = tracking.last_step(training_run, "val_loss")
+
+    with (
+        tracking.model_run("register", params, training_run, params.flat("sample")) as run,
+        outputs_removed_on_failure(SAMPLING_DEFAULTS_PATH),
+    ):
+        mlflow.log_metrics(metrics, step=step)
+        SAMPLING_DEFAULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+        write_sampling_defaults(params.sample, SAMPLING_DEFAULTS_PATH.parent)
+        # The link stage finds a version by these (pipeline/link.py).
+        version_tags = {
+            tracking.TRAINING_RUN_TAG: training_run,
+            tracking.MODEL_TAG: model_sha256,
+            tracking.SAMPLING_DEFAULTS_TAG: file_sha256(SAMPLING_DEFAULTS_PATH),
+        }
+        registration = serving.log_and_register(
+            model, SAMPLING_DEFAULTS_PATH, params, training_run, metrics, step, version_tags
+        )
+    runrecord.write_registration(
+        training_run,
+        run.info.experiment_id,
+        registration.model_name,
+        registration.version,
+        registration.aliases,
+    )
+    aliases = "".join(f" @{alias}" for alias in registration.aliases)
+    print(f"registered {registration.model_name} version {registration.version}{aliases}")
+
+
+if __name__ == "__main__":
+    stage_entry_point(main, __doc__)()
