@@ -31,15 +31,16 @@ from pipeline.params import load_params
 from pipeline.paths import METRICS_PATH, MODEL_PATH, SAMPLING_DEFAULTS_PATH, VOCAB_PATH
 from pipeline.textgen import write_sampling_defaults
 
-# What the registry's aliases and the version's tags need from evaluate's metrics.json.
-METRICS_FIELDS = {"train_loss": float, "val_loss": float}
+# What the version's tags and description, and the champion alias, take from metrics.json.
+LOSSES = {"train_loss": float, "val_loss": float}
 
 
 def main() -> None:
     params = load_params()
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
-    metrics = read_json(METRICS_PATH, METRICS_FIELDS)
+    metrics = read_json(METRICS_PATH, LOSSES)
+    losses = {name: metrics[name] for name in LOSSES}
     model_sha256 = file_sha256(MODEL_PATH)
     training_run = tracking.training_run_id(params, model_sha256)
     # The step of the training's final losses: metrics logged there are linked to the models.
@@ -59,7 +60,7 @@ def main() -> None:
             tracking.SAMPLING_DEFAULTS_TAG: file_sha256(SAMPLING_DEFAULTS_PATH),
         }
         registration = serving.log_and_register(
-            model, SAMPLING_DEFAULTS_PATH, params, training_run, metrics, step, version_tags
+            model, SAMPLING_DEFAULTS_PATH, params, training_run, losses, step, version_tags
         )
     runrecord.write_registration(
         training_run,

@@ -40,6 +40,8 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 import torch
+from mlflow.entities import LoggedModelOutput
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -170,12 +172,18 @@ def log_and_register(
     version of the training run's model, with ``version_tags`` among its tags; return it.
 
     MLflow links the active run's metrics logged at ``step`` to the logged models, so they show
-    evaluate's metrics when the stage has logged them there.
+    evaluate's metrics when the stage has logged them there. Both models are also outputs of
+    the training run, and the version names the training run as its run: the training run's
+    page, which users compare and the link stage's summary points at, lists them.
     """
     with model_code() as code_paths:
-        log_pytorch_model(model, defaults_path, step, code_paths)
+        pytorch_model_id = log_pytorch_model(model, defaults_path, step, code_paths)
         generator = log_text_generator(MODEL_PATH, VOCAB_PATH, defaults_path, step, code_paths)
-    return register_version(generator.model_uri, params, training_run, metrics, version_tags)
+    outputs = [
+        LoggedModelOutput(model_id, step) for model_id in (pytorch_model_id, generator.model_id)
+    ]
+    mlflow.MlflowClient().log_outputs(training_run, models=outputs)
+    return register_version(generator.model_id, params, training_run, metrics, version_tags)
 
 
 @contextlib.contextmanager
@@ -280,7 +288,7 @@ def log_text_generator(
 
 
 def register_version(
-    model_uri: str,
+    model_id: str,
     params: Params,
     training_run: str,
     metrics: dict[str, float],
@@ -308,7 +316,7 @@ def register_version(
     if experiment_name:
         tags[DVC_EXPERIMENT_TAG] = experiment_name
     try:
-        version = mlflow.register_model(model_uri, name, tags=tags)
+        version = create_version(client, name, model_id, training_run, tags)
         settings = ", ".join(
             f"{key.removeprefix('train.')} {train_params[key]}"
             for key in ("train.lr", "train.batch_size", "train.seed")
@@ -327,6 +335,22 @@ def register_version(
             f"cannot register the model as '{name}' (tracking.registered_model_name) in "
             f"{mlflow.get_registry_uri()}: {error.message.splitlines()[0]}"
         ) from None
+
+
+def create_version(
+    client: mlflow.MlflowClient, name: str, model_id: str, run_id: str, tags: dict[str, str]
+) -> ModelVersion:
+    """A new version of the registered model ``name`` (created if new) from a logged model,
+    naming ``run_id`` as its run: what mlflow.register_model does, which names the model's
+    own run (here register's child run) instead."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, tags=tags, model_id=model_id
+    )
 
 
 def set_aliases(

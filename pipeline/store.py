@@ -148,15 +148,21 @@ def shown_uri(uri: str) -> str:
 # Where `mlflow ui` serves by default.
 LOCAL_UI_URL = "http://127.0.0.1:5000"
 
+# The query that makes MLflow's UI lay a page out for model training. MLflow 3.17's UI picks the
+# layout (its "GenAI / Model training" switch) from this query, else from what the browser last
+# chose (localStorage `mlflow.workflowType_v1`), else GenAI: never from the experiment's kind tag.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
 
 def run_page(experiment_id: str, run_id: str) -> tuple[str, str | None]:
     """Where a user opens a run: its page in MLflow's UI, and for a store that no server serves
     (SQLite, a database) the `mlflow ui` command that serves it.
 
-    A server's user and password are left out of its URL (the browser asks for them), secret
-    query fields masked: the URL is printed.
+    The page opens in the model-training layout (MODEL_TRAINING_VIEW). A server's user and
+    password are left out of its URL (the browser asks for them), secret query fields masked:
+    the URL is printed.
     """
-    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    page = f"#/experiments/{experiment_id}/runs/{run_id}{MODEL_TRAINING_VIEW}"
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         server = split_credentials(uri)[0].partition("?")[0].partition("#")[0]
@@ -482,8 +488,9 @@ def _probe_database(uri: str) -> None:
 
 
 # MLflow's experiment-kind tag and the value of a model-training experiment (the others are
-# genai_development and, inferred by the UI, *_inferred kinds). Without it MLflow 3 treats an
-# experiment as a GenAI one: its page opens on traces, not on the training runs.
+# genai_development and, inferred by the UI, *_inferred kinds): what the experiment is, for the
+# API and for UIs that read it. MLflow 3.17's own UI does not: its layout follows the page's
+# query or the browser (MODEL_TRAINING_VIEW), whatever the tag says.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 MODEL_TRAINING_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}

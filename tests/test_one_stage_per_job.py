@@ -56,9 +56,10 @@ def test_a_sample_param_registers_a_new_version_without_training(trained_experim
     )
     assert newest.tags["model_sha256"] == file_sha256(repo / paths.MODEL_PATH)
     assert newest.tags["training_run_id"] == trainings_before[-1]
-    (register,) = [
-        found for found in runs_of(repo, "register") if found.info.run_id == newest.run_id
-    ]
+    # The version's run is the training run; its model was logged by the new register run.
+    assert newest.run_id == trainings_before[-1]
+    register = client.get_run(client.get_logged_model(newest.model_id).source_run_id)
+    assert register.data.tags["stage"] == "register"
     assert register.data.params["sample.temperature"] == "0.8"
     assert register.data.tags["mlflow.parentRunId"] == trainings_before[-1]
     assert last_stage_lines(result.stdout)[-1] == (

@@ -42,7 +42,8 @@ def expected_summary(repo: Path) -> list[str]:
         f"result: val loss {metrics['val_loss']:.4f}, train loss {metrics['train_loss']:.4f}; "
         f"uniform ln({vocab_size}) = {metrics['uniform_loss']:.4f}, "
         f"bigram optimum (train) {metrics['train_bigram_optimum']:.4f}",
-        f"MLflow run: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}",
+        f"MLflow run: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+        "?workflowType=machine_learning",
         "  (to open it, start the UI in the repo root: "
         "mlflow ui --backend-store-uri sqlite:///mlflow.db)",
         f"registered model {MODEL_NAME} version {champion.version} @challenger @champion",
@@ -93,22 +94,22 @@ def test_no_summary_when_no_run_holds_the_model(trained_repo, tmp_path):
     [
         (
             "https://alice:s3cret@mlflow.example.org/team/?token=abc",
-            "https://mlflow.example.org/team/#/experiments/3/runs/r1",
+            "https://mlflow.example.org/team/#/experiments/3/runs/r1?workflowType=machine_learning",
             None,
         ),
         (
             "sqlite:///stores/team.db?timeout=60",
-            "http://127.0.0.1:5000/#/experiments/3/runs/r1",
+            "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning",
             "mlflow ui --backend-store-uri sqlite:///stores/team.db",
         ),
         (
             "sqlite:////elsewhere/team.db",
-            "http://127.0.0.1:5000/#/experiments/3/runs/r1",
+            "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning",
             "mlflow ui --backend-store-uri sqlite:////elsewhere/team.db",
         ),
         (
             "postgresql://bob:hunter2@db.example.org/mlflow",
-            "http://127.0.0.1:5000/#/experiments/3/runs/r1",
+            "http://127.0.0.1:5000/#/experiments/3/runs/r1?workflowType=machine_learning",
             "mlflow ui --backend-store-uri postgresql://bob:***@db.example.org/mlflow",
         ),
     ],
