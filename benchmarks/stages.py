@@ -32,7 +32,7 @@ from benchmarks.measure import (
 # The throwaway repo copy that the end-to-end tests use, so both measure the same thing.
 from testbed import make_repo_copy
 
-STAGES = ("download", "vocab", "train", "evaluate", "sample")
+STAGES = ("download", "vocab", "train", "evaluate", "register", "sample")
 # Stages that must never load torch: they only move bytes and characters.
 TORCH_FREE_STAGES = ("download", "vocab")
 MAX_PEAK_OVER_CORPUS = 1.5

@@ -80,17 +80,21 @@ def test_a_full_disk_names_the_file_and_leaves_no_partial_output(
 
 
 def test_a_full_artifact_store_leaves_no_half_written_model(prepared_copy):
+    """The register stage logs the models into the artifact store; it fills up on the way."""
     repo, env = prepared_copy
+    for stage in ("train", "evaluate"):
+        assert run_stage(stage, repo, env).returncode == 0
     artifacts = repo / "mlartifacts"
     with full_file_system(artifacts, free_bytes=24 * 1024):
-        result = run_stage("train", repo, env)
+        result = run_stage("register", repo, env)
 
         assert_disk_full_error(result, str(artifacts), after_mlflow_logs=True)
-        [training] = [r for r in mlflow_runs(repo) if r.data.tags["stage"] == "train"]
+        runs = {r.data.tags["stage"]: r for r in mlflow_runs(repo)}
+        registering, training = runs["register"], runs["train"]
         client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
         models = client.search_logged_models(
-            [training.info.experiment_id],
-            filter_string=f"source_run_id = '{training.info.run_id}'",
+            [registering.info.experiment_id],
+            filter_string=f"source_run_id = '{registering.info.run_id}'",
         )
         assert models, "the stage got as far as logging a model"
         for model in models:
@@ -98,8 +102,10 @@ def test_a_full_artifact_store_leaves_no_half_written_model(prepared_copy):
                 assert str(model.status) == "FAILED"
                 model_dir = Path(model.artifact_location.removeprefix("file://")).parent
                 assert not model_dir.exists(), f"half-written model left at {model_dir}"
-    assert training.info.status == "FAILED"
-    assert files_in(repo / "data/train") == []
+    assert registering.info.status == "FAILED"
+    assert training.info.status == "FINISHED", "a failed registration leaves training as it was"
+    assert client.search_model_versions() == []
+    assert files_in(repo / "data/register") == []
 
 
 def test_a_file_size_limit_during_download_is_a_full_disk_not_a_broken_transfer(prepared_copy):

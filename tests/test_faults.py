@@ -97,7 +97,9 @@ def test_the_train_stage_rejects_a_corpus_too_short_for_one_batch(prepared_copy)
     assert_one_line_error(
         result, "param 'train.block_size' must be shorter than the smaller split (5 tokens), got 8"
     )
-    assert files_in(repo / "data/train") == []
+    # Refused before training: nothing written, and the loss curve git holds left as it was.
+    assert files_in(repo / "data/train") == ["loss_curve.csv"]
+    run(["git", "diff", "--exit-code", "--", "data/train"], repo, env)
     assert "RUNNING" not in run_statuses(repo).values()
 
 

@@ -109,7 +109,7 @@ with tracking.stage_run("train", params, run_name=f"worker-{worker}") as active:
     mlflow.log_metric("worker", int(worker))
     code = [str(Path(serving.__file__).parent)]
     info = serving.log_text_generator(weights, vocab, defaults, 0, code)
-    serving.register_version(info.model_uri, params, active.info.run_id, {"val_loss": 1.0})
+    serving.register_version(info.model_id, params, active.info.run_id, {"val_loss": 1.0}, {})
 # Later stages reopen the store in a process that has used it, as evaluate does.
 for step in range(3):
     with tracking.model_run("evaluate", params, active.info.run_id, {}):
