@@ -56,9 +56,8 @@ PLOTS ?= show
 plots: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/offline_plots.py $(PLOTS)
 
-test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ruff check .
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ruff format --check .
+# Lint and type check first (`make lint`), then the whole suite.
+test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -70,8 +69,11 @@ GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
 	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
+# ruff, then mypy on pipeline/ (configured in pyproject.toml).
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

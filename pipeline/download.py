@@ -32,8 +32,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BufferedIOBase
 from pathlib import Path
-from typing import BinaryIO
 
 import mlflow
 
@@ -173,7 +173,7 @@ def local_error(error: OSError, shown_source: str) -> PipelineError:
     )
 
 
-def open_local_file(path: str, shown_source: str) -> BinaryIO:
+def open_local_file(path: str, shown_source: str) -> BufferedIOBase:
     """Open a regular file for reading; anything else is refused before it is opened."""
     try:
         refuse_unless_regular(os.stat(path).st_mode, shown_source)
@@ -190,14 +190,14 @@ def open_local_file(path: str, shown_source: str) -> BinaryIO:
         raise
 
 
-def open_source(source: str, timeout_s: float) -> BinaryIO:
+def open_source(source: str, timeout_s: float) -> BufferedIOBase:
     """Open an http(s) URL, a file:// URL or a local path for streaming reads."""
     path = local_path(source)
     if path is not None:
         return open_local_file(path, masked(source))
     # urllib would take user:password@host for a host name.
     url, user, password = split_credentials(source)
-    headers = basic_auth_header(user, password) if user is not None else {}
+    headers = basic_auth_header(user, password or "") if user is not None else {}
     return open_url(urllib.request.Request(url, headers=headers), timeout=timeout_s)
 
 
@@ -215,7 +215,9 @@ def http_error(error: urllib.error.HTTPError, shown_source: str) -> PipelineErro
     )
 
 
-def open_with_retries(source: str, timeout_s: float, retry_delays_s: tuple[float, ...]) -> BinaryIO:
+def open_with_retries(
+    source: str, timeout_s: float, retry_delays_s: tuple[float, ...]
+) -> BufferedIOBase:
     """Open the source, retrying with back-off when it is unreachable or answers 5xx or 429."""
     shown = masked(source)
     for attempt in range(len(retry_delays_s) + 1):
@@ -306,7 +308,7 @@ class Transfer:
                 "`dvc repro download`"
             )
 
-    def read_chunk(self, response: BinaryIO) -> bytes:
+    def read_chunk(self, response: BufferedIOBase) -> bytes:
         """The next bytes that have arrived (read1: a stalled transfer shows its progress)."""
         if time.monotonic() > self.deadline_at:
             raise DeadlinePassed  # where the timer cannot run (not the main thread)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -111,7 +111,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: Path, required: dict[str, type | tuple[type, ...]] | None = None) -> Any:
+def read_json(path: Path, required: Mapping[str, type | tuple[type, ...]] | None = None) -> Any:
     """Read a JSON file; with ``required``, check it is an object holding those keys and types.
 
     Stages check their inputs this way before they start removing outputs on failure, so a

@@ -80,7 +80,10 @@ def is_regular_installed_text_face(entry: font_manager.FontEntry) -> bool:
     bitmap-only face (a colour emoji font) cannot be drawn at the labels' size. Only families
     with a regular face: matplotlib warns when it must pick another weight.
     """
-    weight = font_manager.weight_dict.get(entry.weight, entry.weight)
+    # A weight is a name ("bold") or a number (700); the names map to numbers.
+    weight = entry.weight
+    if isinstance(weight, str):
+        weight = font_manager.weight_dict.get(weight, weight)
     return (
         not Path(entry.fname).is_relative_to(matplotlib.get_data_path())
         and (entry.style, entry.variant, entry.stretch, weight)

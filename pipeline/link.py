@@ -151,7 +151,7 @@ def _record_registration(run_id: str, model_sha256: str) -> None:
         served += f" and tags.`{tracking.SAMPLING_DEFAULTS_TAG}` = '{defaults_sha256}'"
     try:
         # Whatever the name: the registration used tracking's name then.
-        found = client.search_model_versions(served)
+        found = list(client.search_model_versions(served))
     except MlflowException:
         found = []  # A store without a registry: the summary says no version holds it.
     newest = max(found, key=lambda version: version.creation_timestamp, default=None)
@@ -210,7 +210,9 @@ def _still_in_sqlite(sqlite_file: Path | None, run_id: str | None) -> bool:
 
     A run.json naming no run (the model was trained against another store) needs no look-up.
     """
-    return run_id is None or (sqlite_file is not None and store.run_in_sqlite(sqlite_file, run_id))
+    return run_id is None or (
+        sqlite_file is not None and store.run_in_sqlite(sqlite_file, run_id) is True
+    )
 
 
 if __name__ == "__main__":

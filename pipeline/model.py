@@ -11,7 +11,9 @@ import io
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +162,7 @@ class _PickledEmbedding(_PickledAttributes):
     pass
 
 
-_PICKLED_MODULE_STAND_INS = [
+_PICKLED_MODULE_STAND_INS: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
     (_PickledBigramModel, f"{BigramLanguageModel.__module__}.{BigramLanguageModel.__name__}"),
     (_PickledEmbedding, f"{nn.Embedding.__module__}.{nn.Embedding.__name__}"),
 ]

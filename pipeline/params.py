@@ -207,7 +207,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         )
     section_types = typing.get_type_hints(Params)
     _reject_unknown_keys(raw, list(section_types), "", path)
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, section_type in section_types.items():
         values = raw.get(name) or {}
         if not isinstance(values, dict):

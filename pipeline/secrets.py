@@ -16,7 +16,8 @@ import base64
 import functools
 import re
 import urllib.parse
-from typing import TYPE_CHECKING, BinaryIO
+from io import BufferedIOBase
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import ssl
@@ -116,8 +117,10 @@ def open_url(
     request: urllib.request.Request | str,
     timeout: float,
     context: ssl.SSLContext | None = None,
-) -> BinaryIO:
+) -> BufferedIOBase:
     """urllib.request.urlopen, except that credentials never follow a redirect to another origin.
+
+    What it returns for an http(s) URL is an http.client.HTTPResponse, a buffered binary stream.
 
     Every connection that may carry a user's credentials goes through here.
     """

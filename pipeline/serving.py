@@ -45,6 +45,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
@@ -108,7 +109,7 @@ def input_example(chars: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"prompt": [prompt], "chars": [100]})
 
 
-class BigramTextModel(mlflow.pyfunc.PythonModel):
+class BigramTextModel(PythonModel):
     """Prompts in (a DataFrame with a ``prompt`` column), generated texts out."""
 
     def load_context(self, context) -> None:
@@ -368,7 +369,7 @@ def set_aliases(
     except MlflowException:
         champion = None
     champion_loss = math.inf
-    if champion is not None:
+    if champion is not None and champion.run_id is not None:
         champion_metrics = client.get_run(champion.run_id).data.metrics
         champion_loss = champion_metrics.get(
             "val_loss", float(champion.tags.get("val_loss", "inf"))

@@ -536,6 +536,8 @@ def _get_or_create_experiment(name: str, artifact_location: str | None, uri: str
             if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
             experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:  # Created by the other worker, then deleted at once.
+                raise
             _mark_as_model_training(experiment)
             return experiment.experiment_id
     except MlflowException as error:
@@ -621,8 +623,10 @@ def _start_ticks(pid: int | str) -> str | None:
 def process_identity() -> str | None:
     """``<boot id>/<pid namespace>/<start ticks>`` of this process, or None where /proc does
     not say (not Linux)."""
-    parts = (_boot_id(), _pid_namespace(), _start_ticks("self"))
-    return "/".join(parts) if None not in parts else None
+    boot_id, namespace, start = _boot_id(), _pid_namespace(), _start_ticks("self")
+    if boot_id is None or namespace is None or start is None:
+        return None
+    return f"{boot_id}/{namespace}/{start}"
 
 
 def run_process_has_gone(pid: str, identity: str | None) -> bool:

@@ -149,7 +149,7 @@ def checked_request(
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, numbers.Real)
-        or not (math.isfinite(temperature) and temperature >= MIN_TEMPERATURE)
+        or not (math.isfinite(temperature) and float(temperature) >= MIN_TEMPERATURE)
     ):
         raise PipelineError(
             f"temperature must be a finite number of at least {MIN_TEMPERATURE}, "

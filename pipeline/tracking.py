@@ -147,8 +147,9 @@ def stage_run(
     experiment_id = connect(params.tracking.experiment_name)
     end_runs_of_dead_processes(experiment_id)
     all_tags = {"stage": stage, "mlflow.source.git.commit": git_commit(), **(tags or {})}
-    if dvc_experiment_name():
-        all_tags["dvc.exp_name"] = dvc_experiment_name()
+    experiment_name = dvc_experiment_name()
+    if experiment_name:
+        all_tags["dvc.exp_name"] = experiment_name
     try:
         run = mlflow.start_run(
             experiment_id=experiment_id,
@@ -169,6 +170,14 @@ def stage_run(
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def active_run() -> mlflow.ActiveRun:
+    """The run the stage started (stage_run): logging outside one is a bug of ours."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("no active MLflow run: log inside tracking.stage_run")
+    return run
 
 
 def find_run(experiment_id: str, stage: str, tag: str, value: str) -> str | None:
@@ -284,12 +293,15 @@ def training_datasets(params: Params, corpus_sha256: str) -> dict[str, MetaDatas
 
     source = HTTPDatasetSource(masked(params.data.url))
     name = params.data.name
+
+    def dataset(name: str, digest: str) -> MetaDataset:
+        # MLflow's stubs leave MetaDataset's profile abstract; the class is meant to be made.
+        return MetaDataset(source, name=name, digest=digest[:16])  # type: ignore[abstract]
+
     return {
-        "corpus": MetaDataset(source, name=name, digest=corpus_sha256[:16]),
-        "train": MetaDataset(
-            source, name=f"{name}-train", digest=file_sha256(TRAIN_TOKENS_PATH)[:16]
-        ),
-        "val": MetaDataset(source, name=f"{name}-val", digest=file_sha256(VAL_TOKENS_PATH)[:16]),
+        "corpus": dataset(name, corpus_sha256),
+        "train": dataset(f"{name}-train", file_sha256(TRAIN_TOKENS_PATH)),
+        "val": dataset(f"{name}-val", file_sha256(VAL_TOKENS_PATH)),
     }
 
 
@@ -301,7 +313,7 @@ def log_training_inputs(
     # The params training reads, named as DVC names them (`train.lr`, `data.name`); the sample
     # params go on the register and sample stages' runs.
     mlflow.log_params(params.flat("data", "train"))
-    run = mlflow.active_run()
+    run = active_run()
     experiment_id = run.info.experiment_id
     lineage = {
         "download_run_id": find_run(experiment_id, "download", CORPUS_TAG, corpus_sha256),
@@ -339,7 +351,7 @@ def log_losses(point: dict, datasets: dict[str, MetaDataset]) -> None:
         )
         for split in ("train", "val")
     ]
-    MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=losses, synchronous=True)
+    MlflowClient().log_batch(active_run().info.run_id, metrics=losses, synchronous=True)
 
 
 def log_datasets(run_id: str, datasets_by_context: dict[str, Any]) -> None:
