@@ -50,7 +50,9 @@ def main() -> None:
         tracking.model_run("register", params, training_run, params.flat("sample")) as run,
         outputs_removed_on_failure(SAMPLING_DEFAULTS_PATH),
     ):
-        mlflow.log_metrics(metrics, step=step)
+        # Linked to the logged models: evaluate's metrics, and the losses with their datasets.
+        mlflow.log_metrics({k: v for k, v in metrics.items() if k not in LOSSES}, step=step)
+        tracking.log_losses_of(training_run, step)
         SAMPLING_DEFAULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
         write_sampling_defaults(params.sample, SAMPLING_DEFAULTS_PATH.parent)
         # The link stage finds a version by these (pipeline/link.py).

@@ -2,8 +2,8 @@
 
 - ``git.dirty``: whether tracked files differ from the commit (``mlflow.source.git.commit``,
   which pipeline.tracking sets on every stage's run), ``git.changed_files`` naming them.
-  dvc.lock is left out: `dvc repro` rewrites it as stages finish, and the inputs it records are
-  hashed here instead.
+  dvc.lock, metrics.json and the loss curve are left out: `dvc repro` rewrites them as stages
+  run, and the inputs dvc.lock records are hashed here instead.
 - ``rebuild/deps.json``, an artifact of the run: the md5 of each dep of the train stage (dep
   path -> md5), the hashes `dvc repro` writes for it in dvc.lock. One file, not one tag a dep:
   MLflow's runs table shows every tag as a column. ``rebuild.deps_sha256``, the sha256 of its
@@ -30,11 +30,13 @@ import mlflow
 import torch
 
 from pipeline.determinism import pins_description
+from pipeline.paths import LOSS_CURVE_PATH, METRICS_PATH
 
 DVC_FILE = Path("dvc.yaml")
 TRAIN_STAGE = "train"
-# Rewritten by `dvc repro` itself while the pipeline runs; not a change to the code or data.
-NOT_SOURCE = {"dvc.lock"}
+# Rewritten by `dvc repro` itself while the pipeline runs (dvc.lock, and the stage outputs git
+# holds, which DVC removes before their stage reruns): not a change to the code or data.
+NOT_SOURCE = {"dvc.lock", str(METRICS_PATH), str(LOSS_CURVE_PATH)}
 CHUNK_BYTES = 1 << 20
 DEPS_ARTIFACT = "rebuild/deps.json"
 DEPS_TAG = "rebuild.deps_sha256"

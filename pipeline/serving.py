@@ -183,7 +183,9 @@ def log_and_register(
     outputs = [
         LoggedModelOutput(model_id, step) for model_id in (pytorch_model_id, generator.model_id)
     ]
-    mlflow.MlflowClient().log_outputs(training_run, models=outputs)
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != training_run:  # Logged into it already.
+        mlflow.MlflowClient().log_outputs(training_run, models=outputs)
     return register_version(generator.model_id, params, training_run, metrics, version_tags)
 
 

@@ -379,6 +379,28 @@ def log_datasets(run_id: str, datasets_by_context: dict[str, Any]) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def log_losses_of(run_id: str, step: int) -> None:
+    """Log into the active run the train and val loss another run logged at ``step``, each
+    linked to its split as there (log_losses): the register stage's models then show the
+    training's final losses with their datasets."""
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    losses = [
+        Metric(
+            entry.key,
+            entry.value,
+            now,
+            step,
+            dataset_name=entry.dataset_name,
+            dataset_digest=entry.dataset_digest,
+        )
+        for key in ("train_loss", "val_loss")
+        for entry in client.get_metric_history(run_id, key)
+        if entry.step == step and entry.dataset_name  # evaluate's copies have no dataset
+    ]
+    client.log_batch(active_run().info.run_id, metrics=losses, synchronous=True)
+
+
 def last_step(run_id: str, metric: str) -> int:
     """The last step at which a run logged a metric (0 if never)."""
     history = MlflowClient().get_metric_history(run_id, metric)

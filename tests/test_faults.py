@@ -212,7 +212,7 @@ def test_a_model_with_non_finite_weights_gives_no_metrics(prepared_copy):
     with torch.no_grad():
         diverged.token_embedding_table.weight[3, 5] = math.nan
     model_path = repo / "data/train/model.pt"
-    model_path.parent.mkdir()
+    model_path.parent.mkdir(exist_ok=True)  # git holds data/train/loss_curve.csv
     torch.save(diverged.state_dict(), model_path)
     runs_before = run_statuses(repo)
 
@@ -320,7 +320,7 @@ def test_a_vocabulary_that_disagrees_with_the_token_files_is_named_with_the_fix(
     vocab_path = repo / "data/vocab/vocab.json"
     write_json(vocab_path, {"chars": edit(json.loads(vocab_path.read_text())["chars"])})
     previous_model = repo / "data/train/model.pt"
-    previous_model.parent.mkdir()
+    previous_model.parent.mkdir(exist_ok=True)  # git holds data/train/loss_curve.csv
     torch.save(BigramLanguageModel(65).state_dict(), previous_model)
     before = previous_model.read_bytes(), (repo / "data/evaluate/metrics.json").read_bytes()
     runs_before = run_statuses(repo)
@@ -409,7 +409,7 @@ def test_a_model_of_another_vocabulary_is_rejected_naming_both_shapes(prepared_c
     repo, env = prepared_copy
     (repo / "data/evaluate/metrics.json").unlink()  # committed in git: none may be written
     model_path = repo / "data/train/model.pt"
-    model_path.parent.mkdir(parents=True)
+    model_path.parent.mkdir(parents=True, exist_ok=True)  # git holds data/train/loss_curve.csv
     torch.save(BigramLanguageModel(10).state_dict(), model_path)
     write_json(repo / "data/train/run.json", {"mlflow_run_id": "0" * 32})
 

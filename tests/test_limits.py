@@ -68,7 +68,7 @@ def test_a_value_out_of_bounds_names_the_param_and_the_bound(tmp_path, param, va
 def test_a_batch_too_large_for_memory_stops_before_any_work(prepared_copy):
     repo, env = prepared_copy
     previous = repo / "data/train/model.pt"
-    previous.parent.mkdir()
+    previous.parent.mkdir(exist_ok=True)  # git holds data/train/loss_curve.csv
     previous.write_bytes(b"the previous model")
     update_params(repo, train={"batch_size": 100_000_000_000})
     runs_before = run_statuses(repo)

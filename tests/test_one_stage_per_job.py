@@ -58,7 +58,9 @@ def test_a_sample_param_registers_a_new_version_without_training(trained_experim
     assert newest.tags["training_run_id"] == trainings_before[-1]
     # The version's run is the training run; its model was logged by the new register run.
     assert newest.run_id == trainings_before[-1]
-    register = client.get_run(client.get_logged_model(newest.model_id).source_run_id)
+    register = client.get_run(
+        client.get_logged_model(newest.source.removeprefix("models:/")).source_run_id
+    )
     assert register.data.tags["stage"] == "register"
     assert register.data.params["sample.temperature"] == "0.8"
     assert register.data.tags["mlflow.parentRunId"] == trainings_before[-1]

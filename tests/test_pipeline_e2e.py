@@ -120,7 +120,7 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
     outputs = {output.model_id for output in client.get_run(run_id).outputs.model_outputs}
     assert len(outputs) == 2
     (version,) = client.search_model_versions(f"run_id = '{run_id}'")
-    assert version.model_id in outputs
+    assert version.source.removeprefix("models:/") in outputs
     downloaded = client.download_artifacts(run_id, "samples/sample.txt", str(repo / "dl"))
     assert Path(downloaded).read_text() == (repo / "data/sample/sample.txt").read_text()
 

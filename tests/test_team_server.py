@@ -199,9 +199,9 @@ def check_run_on_server(training, url: str, artifacts: Path) -> None:
     listed = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.csv", "metrics.json", "next_char_probs.png", "samples"} <= listed
     assert list((artifacts / training.info.experiment_id / run_id).rglob("loss_curve.csv"))
-    logged = client.search_logged_models(
-        [training.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    )
+    # The register stage's models, outputs of the training run too.
+    outputs = client.get_run(run_id).outputs.model_outputs
+    logged = [client.get_logged_model(output.model_id) for output in outputs]
     assert {m.name for m in logged} == {"model", "generator"}
     for model in logged:
         assert list(

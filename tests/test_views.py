@@ -266,10 +266,13 @@ def test_a_plain_repro_run_is_named_and_logs_each_param_once_as_dvc_names_it(tra
     (training,) = runs_of(repo, "train")
     commit = run(["git", "rev-parse", "--short", "HEAD~1"], repo, env).stdout.strip()
     assert training.info.run_name == f"main@{commit}"
-    assert set(training.data.params) == param_names(repo)
+    # The params training reads; the sample params, the served model's, on register and sample.
+    names = param_names(repo)
+    assert set(training.data.params) == {n for n in names if n.startswith(("data.", "train."))}
     assert training.data.params["train.seed"] == "7" and "lr" not in training.data.params
-    (sampling,) = runs_of(repo, "sample")
-    assert set(sampling.data.params) == {n for n in param_names(repo) if n.startswith("sample.")}
+    for stage in ("register", "sample"):
+        (child,) = runs_of(repo, stage)
+        assert set(child.data.params) == {n for n in names if n.startswith("sample.")}, stage
 
 
 def exp_show(repo: Path, env: dict) -> dict[str, dict]:
@@ -452,13 +455,15 @@ def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets
     client = store(repo)
     final = (repo / "data/train/loss_curve.csv").read_text().strip().splitlines()[-1]
     step, train_loss, val_loss = (float(value) for value in final.split(","))
-    logged = client.search_logged_models(
-        [training.info.experiment_id], filter_string=f"source_run_id = '{training.info.run_id}'"
-    )
+    evaluated = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    # Logged by the register stage, and outputs of the training run, whose page lists them.
+    outputs = client.get_run(training.info.run_id).outputs.model_outputs
+    logged = [client.get_logged_model(output.model_id) for output in outputs]
     assert {model.name for model in logged} == {"model", "generator"}
     for model in logged:
         metrics = {m.key: m for m in model.metrics}
-        assert set(metrics) == {"train_loss", "val_loss"}, model.name
+        assert set(metrics) == set(evaluated), model.name
+        assert all(metrics[name].value == value for name, value in evaluated.items())
         assert metrics["train_loss"].value == train_loss and metrics["val_loss"].value == val_loss
         assert {m.step for m in metrics.values()} == {int(step)}
         assert metrics["train_loss"].dataset_name == "shakespeare-train"
