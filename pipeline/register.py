@@ -50,9 +50,8 @@ def main() -> None:
         tracking.model_run("register", params, training_run, params.flat("sample")) as run,
         outputs_removed_on_failure(SAMPLING_DEFAULTS_PATH),
     ):
-        # Linked to the logged models: evaluate's metrics, and the losses with their datasets.
+        # MLflow links these to the models it logs next; the losses follow with their datasets.
         mlflow.log_metrics({k: v for k, v in metrics.items() if k not in LOSSES}, step=step)
-        tracking.log_losses_of(training_run, step)
         SAMPLING_DEFAULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
         write_sampling_defaults(params.sample, SAMPLING_DEFAULTS_PATH.parent)
         # The link stage finds a version by these (pipeline/link.py).
@@ -61,9 +60,10 @@ def main() -> None:
             tracking.MODEL_TAG: model_sha256,
             tracking.SAMPLING_DEFAULTS_TAG: file_sha256(SAMPLING_DEFAULTS_PATH),
         }
-        registration = serving.log_and_register(
+        model_ids, registration = serving.log_and_register(
             model, SAMPLING_DEFAULTS_PATH, params, training_run, losses, step, version_tags
         )
+        tracking.log_model_losses(training_run, losses, step, model_ids)
     runrecord.write_registration(
         training_run,
         run.info.experiment_id,

@@ -168,9 +168,10 @@ def log_and_register(
     metrics: dict[str, float],
     step: int,
     version_tags: dict[str, str],
-) -> Registration:
+) -> tuple[list[str], Registration]:
     """Log both flavours into the active run at ``step`` and register the generator as a new
-    version of the training run's model, with ``version_tags`` among its tags; return it.
+    version of the training run's model, with ``version_tags`` among its tags; return the two
+    logged models' ids and the version.
 
     MLflow links the active run's metrics logged at ``step`` to the logged models, so they show
     evaluate's metrics when the stage has logged them there. Both models are also outputs of
@@ -186,7 +187,8 @@ def log_and_register(
     active = mlflow.active_run()
     if active is None or active.info.run_id != training_run:  # Logged into it already.
         mlflow.MlflowClient().log_outputs(training_run, models=outputs)
-    return register_version(generator.model_id, params, training_run, metrics, version_tags)
+    registration = register_version(generator.model_id, params, training_run, metrics, version_tags)
+    return [output.model_id for output in outputs], registration
 
 
 @contextlib.contextmanager

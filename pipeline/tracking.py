@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, RunInputs, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -379,26 +379,39 @@ def log_datasets(run_id: str, datasets_by_context: dict[str, Any]) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
-def log_losses_of(run_id: str, step: int) -> None:
-    """Log into the active run the train and val loss another run logged at ``step``, each
-    linked to its split as there (log_losses): the register stage's models then show the
-    training's final losses with their datasets."""
+def log_model_losses(
+    run_id: str, losses: dict[str, float], step: int, model_ids: list[str]
+) -> None:
+    """Log the train and val loss into the active run at ``step`` for each logged model, each
+    linked to its split's dataset as the training run ``run_id`` links them
+    (log_training_inputs): the models' pages show the final losses with their datasets.
+
+    MLflow links a run's metrics to a model it logs, but without their datasets, so the losses
+    are logged after the models, with both."""
     client = MlflowClient()
+    by_context = {
+        tag.value: found.dataset
+        for found in (client.get_run(run_id).inputs or RunInputs([])).dataset_inputs
+        for tag in found.tags
+        if tag.key == MLFLOW_DATASET_CONTEXT
+    }
     now = int(time.time() * 1000)
-    losses = [
-        Metric(
-            entry.key,
-            entry.value,
-            now,
-            step,
-            dataset_name=entry.dataset_name,
-            dataset_digest=entry.dataset_digest,
-        )
-        for key in ("train_loss", "val_loss")
-        for entry in client.get_metric_history(run_id, key)
-        if entry.step == step and entry.dataset_name  # evaluate's copies have no dataset
-    ]
-    client.log_batch(active_run().info.run_id, metrics=losses, synchronous=True)
+    metrics = []
+    for model_id in model_ids:
+        for name, context in (("train_loss", "train"), ("val_loss", "validation")):
+            dataset = by_context.get(context)
+            metrics.append(
+                Metric(
+                    name,
+                    losses[name],
+                    now,
+                    step,
+                    model_id=model_id,
+                    dataset_name=None if dataset is None else dataset.name,
+                    dataset_digest=None if dataset is None else dataset.digest,
+                )
+            )
+    client.log_batch(active_run().info.run_id, metrics=metrics, synchronous=True)
 
 
 def last_step(run_id: str, metric: str) -> int:
