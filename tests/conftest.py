@@ -2,12 +2,13 @@
 
 Tests never read the workspace's params.yaml, dvc.lock, data/ or mlflow.db, which the README's
 commands change: they work on copies, with params.yaml as committed at HEAD. The plain helpers
-these fixtures use, and tests import, live in testbed.py at the repository root, which the
-benchmarks share.
+these fixtures use, and tests import, live in tests/support/ and, where the benchmarks share
+them, in testbed.py at the repository root.
 """
 
 from __future__ import annotations
 
+import http.server
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from testbed import (
     update_params,
     write_committed_params,
 )
+from tests.support.models import make_workspace
+from tests.support.servers import start_faulty_server
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +103,21 @@ def trained_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, 
     repo = copy_trained_repo(trained, tmp_path_factory.mktemp("experiment") / "repo")
     result = run(["dvc", "exp", "run", "-S", "train.seed=8"], repo, env)
     return repo, env, result.stdout
+
+
+@pytest.fixture
+def faulty_server(shakespeare_corpus) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A corpus server on 127.0.0.1 with a path for every fault (tests.support.servers)."""
+    with start_faulty_server(shakespeare_corpus.read_bytes()) as server:
+        yield server
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """A project directory holding params.yaml, a vocabulary and a model.pt, as the train stage
+    leaves them, and the current directory; the MLflow store (mlflow.db) goes there too."""
+    make_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    return tmp_path

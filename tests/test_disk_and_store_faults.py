@@ -28,7 +28,7 @@ from testbed import (
     run_statuses,
     update_params,
 )
-from tests.fault_tools import (
+from tests.support.faults import (
     FILLER,
     file_size_limit,
     full_file_system,

@@ -36,6 +36,8 @@ from testbed import (
     run_statuses,
     update_params,
 )
+from tests.support.stages import ENDLESS_TRAINING, start_and_wait_for_training
+from tests.support.store import train_runs
 
 # Corpus ------------------------------------------------------------------------------------
 
@@ -104,30 +106,6 @@ def test_the_train_stage_rejects_a_corpus_too_short_for_one_batch(prepared_copy)
 
 
 # Interrupted training ----------------------------------------------------------------------
-
-ENDLESS_TRAINING = {"max_iters": 10**7, "eval_interval": 10**6}
-
-
-def start_and_wait_for_training(cmd: list[str], repo: Path, env: dict) -> subprocess.Popen:
-    """Start cmd in its own process group; return once training has logged its step 0."""
-    process = subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    for line in process.stdout:
-        if line.startswith("step 0:"):
-            return process
-    process.wait(timeout=60)
-    raise AssertionError(f"training never started:\n{process.stderr.read()}")
-
-
-def train_runs(repo: Path) -> list:
-    return [found for found in mlflow_runs(repo) if found.data.tags["stage"] == "train"]
 
 
 def test_sigterm_during_training_ends_the_run_killed_and_writes_no_model(prepared_copy):

@@ -12,30 +12,11 @@ import torch
 
 from pipeline import generate, paths, serving, tracking
 from pipeline.errors import PipelineError
-from pipeline.files import write_json
 from pipeline.model import BigramLanguageModel
 from pipeline.params import load_params
 from pipeline.textgen import write_sampling_defaults
-from testbed import REPO_ROOT, update_params, write_committed_params
-
-CHARS = list("\n !',.:;?ABCDEIJLMNORTUaehilmnorstuy")
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch) -> Path:
-    """A project directory holding params.yaml, a vocabulary and a model.pt, as the train stage
-    leaves them; the MLflow store (mlflow.db) goes there too."""
-    write_committed_params(tmp_path)
-    update_params(tmp_path, sample={"max_chars": 500})
-    write_json(tmp_path / paths.VOCAB_PATH, {"chars": CHARS})
-    torch.manual_seed(0)
-    model = BigramLanguageModel(len(CHARS))
-    (tmp_path / paths.MODEL_PATH).parent.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp_path / paths.MODEL_PATH)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    return tmp_path
+from testbed import REPO_ROOT
+from tests.support.models import CHARS
 
 
 def generated(capsys, *args: str) -> str:

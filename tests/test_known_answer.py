@@ -11,7 +11,7 @@ from benchmarks.reference import lecture_train_params
 from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
 from pipeline.model import BigramLanguageModel
 from pipeline.training import train_minibatch, train_on_counts
-from tests.markov import entropy_rate, sample_chain
+from tests.support.markov import entropy_rate, sample_chain
 
 V = 8
 NUM_TOKENS = 200_000

@@ -12,12 +12,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import generate, paths, serving, store, textgen, tracking
+from pipeline import generate, store, textgen
 from pipeline.download import MAX_BYTES_ENV, bytes_from_env, download_verified
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
@@ -35,10 +34,9 @@ from testbed import (
     update_params,
     write_committed_params,
 )
-from tests.test_download import faulty_server  # noqa: F401 (a fixture)
-from tests.test_generate import CHARS, workspace  # noqa: F401 (a fixture)
-from tests.test_params import load_error, write_params
-from tests.test_team_server import background, http
+from tests.support.models import CHARS, log_generator, model_temp_dirs
+from tests.support.params import load_error, write_params
+from tests.support.servers import background, request_json
 
 # Params ------------------------------------------------------------------------------------
 
@@ -127,26 +125,6 @@ def test_a_bad_flag_of_the_generate_command_is_one_line(workspace, flags, expect
     assert result.stdout == ""
 
 
-def log_generator(workspace: Path) -> str:  # noqa: F811
-    """Log the workspace's model.pt as the pipeline's pyfunc generator; return its run id.
-
-    Its default request is 100 characters, and sample.max_chars 500 bounds a whole request.
-    """
-    update_params(workspace, sample={"num_chars": 100})
-    params = load_params()
-    model = BigramLanguageModel(len(CHARS))
-    model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
-    with tracking.stage_run("train", params) as run:
-        defaults = textgen.write_sampling_defaults(params.sample, Path.cwd())
-        metrics = {"train_loss": 3.0, "val_loss": 3.0}
-        serving.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
-    return run.info.run_id
-
-
-def model_temp_dirs() -> list[str]:
-    return sorted(p.name for p in Path(tempfile.gettempdir()).glob("bigram-model-*"))
-
-
 def test_model_loads_remove_their_temporary_directory(workspace, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setattr(tempfile, "tempdir", str(workspace / "tmp"))
     (workspace / "tmp").mkdir()
@@ -190,7 +168,7 @@ def test_the_served_model_checks_every_field_and_bounds_the_whole_request(
         url = f"http://127.0.0.1:{port}/invocations"
 
         def post(*records: dict) -> tuple[int, str]:
-            return http(url, {"dataframe_records": list(records)})
+            return request_json(url, {"dataframe_records": list(records)})
 
         status, body = post({"prompt": "A", "chars": 20}, {"prompt": "B"})
         assert status == 200, body

@@ -5,16 +5,14 @@ reads the store through MLflow's client, as the UI reads it through the same API
 from __future__ import annotations
 
 import hashlib
-import json
-import tempfile
 from pathlib import Path
 
-from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
-from pipeline.reproducibility import DEPS_ARTIFACT, DEPS_TAG
+from pipeline.reproducibility import DEPS_TAG
 from pipeline.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from testbed import mlflow_runs, run, run_stage, update_params
+from tests.support.store import client_for, recorded_deps
 
 EXPERIMENT = "bigram"
 # Tags MLflow's runs table shows as columns: all but its own `mlflow.*` ones. Measured on the
@@ -23,23 +21,11 @@ EXPERIMENT = "bigram"
 MAX_TAG_COLUMNS = 22
 
 
-def client_for(repo: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-
-
 def runs_by_stage(repo: Path) -> dict[str, list]:
     runs: dict[str, list] = {}
     for found in mlflow_runs(repo):
         runs.setdefault(found.data.tags.get("stage"), []).append(found)
     return runs
-
-
-def recorded_deps(client: MlflowClient, run_id: str) -> tuple[dict[str, str], bytes]:
-    """A training run's rebuild/deps.json, fetched from its artifacts: (dep -> md5, its bytes)."""
-    with tempfile.TemporaryDirectory() as directory:
-        path = Path(client.download_artifacts(run_id, DEPS_ARTIFACT, directory))
-        data = path.read_bytes()
-    return json.loads(data), data
 
 
 def test_the_experiment_is_a_model_training_experiment(trained_repo):

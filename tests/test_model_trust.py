@@ -28,12 +28,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import generate, paths, textgen
 from pipeline.errors import PipelineError
 from testbed import REPO_ROOT, assert_one_line_error, update_params
-from tests import test_generate
-from tests.test_generate import CHARS
-from tests.test_limits import log_generator, model_temp_dirs
-
-# The fixture of a project directory with a model.pt, shared with the generate command's tests.
-workspace = test_generate.workspace
+from tests.support.models import CHARS, log_generator, model_temp_dirs
 
 
 class CreatesFile:

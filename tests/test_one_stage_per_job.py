@@ -13,21 +13,16 @@ import json
 import re
 from pathlib import Path
 
-from mlflow import MlflowClient
-
 from pipeline import paths
 from pipeline.files import file_sha256
 from testbed import copy_repo_with_store, last_stage_lines, mlflow_runs, run
+from tests.support.store import client_for
 
 MODEL_NAME = "bigram-shakespeare"
 
 
 def stages_run(stdout: str) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", stdout)
-
-
-def client_for(repo: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
 def runs_of(repo: Path, stage: str) -> list:

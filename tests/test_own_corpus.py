@@ -30,7 +30,7 @@ from testbed import (
     run_stage,
     update_params,
 )
-from tests.markov import entropy_rate, sample_chain
+from tests.support.markov import entropy_rate, sample_chain
 
 V = 300
 SUCCESSORS = 4  # per character: a sparse chain is learnt well from a small corpus

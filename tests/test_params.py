@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from ruamel.yaml import YAML
 
 from benchmarks.reference import lecture_train_params
 from pipeline.errors import PipelineError
@@ -20,31 +17,7 @@ from testbed import (
     update_params,
     write_committed_params,
 )
-
-
-def write_params(tmp_path: Path, **overrides) -> Path:
-    """The repo's params.yaml with some values replaced: {"train.lr": 0} or {"train.lrr": 1}."""
-    yaml = YAML()
-    params = yaml.load(write_committed_params(tmp_path))
-    for dotted, value in overrides.items():
-        section, _, name = dotted.partition(".")
-        if name:
-            params[section][name] = value
-        elif value is None:
-            del params[section]
-        else:
-            params[section] = value
-    path = tmp_path / "params.yaml"
-    yaml.dump(params, path)
-    return path
-
-
-def load_error(path: Path) -> str:
-    with pytest.raises(PipelineError) as raised:
-        load_params(path)
-    message = str(raised.value)
-    assert message.startswith(f"{path}: "), message
-    return message
+from tests.support.params import load_error, write_params
 
 
 def test_the_repo_params_are_valid(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import vl_convert
 
 from testbed import copy_trained_repo, run
-from tests.test_views import exp_run
+from tests.support.stages import exp_run
 from tools import offline_plots
 
 TRAIN_COLOUR, VAL_COLOUR = "#1f5fa8", "#e8590c"

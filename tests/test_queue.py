@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from testbed import REPO_ROOT, copy_trained_repo, run, write_committed_params
-from tests.experiments import (
+from tests.support.experiments import (
     MODEL_NAME,
     check_experiments_in_store,
     check_registry,

@@ -26,8 +26,8 @@ from testbed import (
     run_stage,
     run_statuses,
 )
-from tests.fault_tools import basic_auth_server, files_holding
-from tests.test_team_server import background
+from tests.support.faults import basic_auth_server, files_holding
+from tests.support.servers import background
 
 # Made up per test session, so that no file (this one in a repo copy included) holds it before.
 PASSWORD = f"pw-{secrets.token_hex(12)}"

@@ -19,7 +19,7 @@ from ruamel.yaml import YAML
 from pipeline.params import TrainParams
 from pipeline.reproducibility import DEPS_TAG
 from testbed import commit_all, copy_trained_repo, run, run_stage, update_params
-from tests.test_mlflow_views import client_for, recorded_deps
+from tests.support.store import client_for, recorded_deps
 
 pytestmark = pytest.mark.e2e
 

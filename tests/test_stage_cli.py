@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from testbed import files_in, update_params
-from tests.test_faults import ENDLESS_TRAINING, start_and_wait_for_training, train_runs
+from tests.support.stages import ENDLESS_TRAINING, start_and_wait_for_training
+from tests.support.store import train_runs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")

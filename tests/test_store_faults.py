@@ -31,7 +31,7 @@ from mlflow import MlflowClient
 from pipeline import store, tracking
 from pipeline.errors import PipelineError, disk_full_cause
 from testbed import REPO_ROOT
-from tests.fault_tools import FILLER, full_file_system
+from tests.support.faults import FILLER, full_file_system
 
 # A hung server is named after the probe's time-out; the slack is for a loaded machine.
 WITHIN_SECONDS = store.SERVER_PROBE_TIMEOUT_S + 5

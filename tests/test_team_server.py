@@ -12,15 +12,12 @@ import glob
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +28,7 @@ from mlflow import MlflowClient
 from pipeline import store, tracking
 from pipeline.errors import PipelineError
 from testbed import VENV_BIN, copy_trained_repo, free_port, run
-from tests.experiments import (
+from tests.support.experiments import (
     check_experiments_in_store,
     check_registry,
     failed_task_logs,
@@ -40,54 +37,11 @@ from tests.experiments import (
     training_runs,
     wait_for_queue,
 )
+from tests.support.servers import background, request_json
 
 pytestmark = pytest.mark.e2e
 
 MODEL_URI = "models:/bigram-shakespeare@champion"
-START_TIMEOUT_S = 120
-
-
-def http(url: str, payload: dict | None = None, timeout: float = 30) -> tuple[int, str]:
-    """GET, or POST JSON when payload is given; returns (status, body) even for errors."""
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -> Iterator[None]:
-    """Run a server in its own process group until ready_url answers 200; stop it afterwards."""
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(
-            cmd,
-            cwd=log.parent,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"{cmd[:3]} exited:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(OSError):
-                if http(ready_url, timeout=2)[0] == 200:
-                    break
-            assert time.monotonic() < deadline, f"{cmd[:3]} not ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @contextlib.contextmanager
@@ -208,14 +162,14 @@ def check_run_on_server(training, url: str, artifacts: Path) -> None:
             (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("MLmodel")
         )
 
-    status, page = http(f"{url}/")
+    status, page = request_json(f"{url}/")
     assert status == 200 and "<html" in page.lower() and "Unable to display" not in page
-    status, body = http(
+    status, body = request_json(
         f"{url}/ajax-api/2.0/mlflow/runs/search",
         {"experiment_ids": [training.info.experiment_id]},
     )
     assert status == 200 and run_id in body
-    status, body = http(f"{url}/get-artifact?path=metrics.json&run_uuid={run_id}")
+    status, body = request_json(f"{url}/get-artifact?path=metrics.json&run_uuid={run_id}")
     assert status == 200
     for name, value in json.loads(body).items():
         assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
@@ -271,13 +225,13 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
         serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
         with background(serve, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", env):
             invocations = f"http://127.0.0.1:{port}/invocations"
-            status, body = http(
+            status, body = request_json(
                 invocations, {"dataframe_records": [{"prompt": "ROMEO:", "chars": 300}]}
             )
             assert status == 200, body
             # Same model, same seed (sample.seed) and temperature: the same text as the command.
             assert json.loads(body) == {"predictions": [generated]}
-            status, body = http(
+            status, body = request_json(
                 invocations, {"dataframe_records": [{"prompt": "A"}, {"prompt": "B"}]}
             )
             assert status == 200, body
@@ -285,7 +239,7 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
             # chars left out: the training's sample.num_chars.
             assert [text[0] for text in texts] == ["A", "B"] and {len(t) for t in texts} == {201}
 
-            status, body = http(invocations, {"dataframe_records": [{"prompt": "ROMEO@é"}]})
+            status, body = request_json(invocations, {"dataframe_records": [{"prompt": "ROMEO@é"}]})
             assert status == 400 and "'@', 'é'" in json.loads(body)["message"]
 
 

@@ -36,7 +36,7 @@ from testbed import (
     run_stage,
     update_params,
 )
-from tests.test_faults import ENDLESS_TRAINING, start_and_wait_for_training
+from tests.support.stages import ENDLESS_TRAINING, exp_run, start_and_wait_for_training
 
 STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 MODEL_NAME = "bigram-shakespeare"
@@ -284,11 +284,6 @@ def exp_show(repo: Path, env: dict) -> dict[str, dict]:
         for baseline in shown
         for exp in baseline.get("experiments") or []
     }
-
-
-def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
-    result = run(["dvc", "exp", "run", "-S", override], repo, env)
-    return re.search(r"Ran experiment\(s\): (\S+)", result.stdout).group(1), result.stdout
 
 
 @dataclass(frozen=True)

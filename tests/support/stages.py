@@ -1,0 +1,36 @@
+"""Stages run the way a user runs them: a training long enough to interrupt, `dvc exp run`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from testbed import run
+
+# A training that runs until the test stops it.
+ENDLESS_TRAINING = {"max_iters": 10**7, "eval_interval": 10**6}
+
+
+def start_and_wait_for_training(cmd: list[str], repo: Path, env: dict) -> subprocess.Popen:
+    """Start cmd in its own process group; return once training has logged its step 0."""
+    process = subprocess.Popen(
+        cmd,
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    for line in process.stdout:
+        if line.startswith("step 0:"):
+            return process
+    process.wait(timeout=60)
+    raise AssertionError(f"training never started:\n{process.stderr.read()}")
+
+
+def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
+    """`dvc exp run -S override`: (the experiment's name, its stdout)."""
+    result = run(["dvc", "exp", "run", "-S", override], repo, env)
+    return re.search(r"Ran experiment\(s\): (\S+)", result.stdout).group(1), result.stdout

@@ -1,0 +1,30 @@
+"""What runs left in an MLflow store."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from pipeline.reproducibility import DEPS_ARTIFACT
+from testbed import mlflow_runs
+
+
+def client_for(repo: Path) -> MlflowClient:
+    """A client on the repo copy's SQLite store."""
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def recorded_deps(client: MlflowClient, run_id: str) -> tuple[dict[str, str], bytes]:
+    """A training run's rebuild/deps.json, fetched from its artifacts: (dep -> md5, its bytes)."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(client.download_artifacts(run_id, DEPS_ARTIFACT, directory))
+        data = path.read_bytes()
+    return json.loads(data), data
+
+
+def train_runs(repo: Path) -> list:
+    """The train stage's runs in the repo's store, oldest first."""
+    return [found for found in mlflow_runs(repo) if found.data.tags["stage"] == "train"]
