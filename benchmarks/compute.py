@@ -13,11 +13,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from benchmarks import reference
 from benchmarks.measure import Row, fmt_seconds, interleaved_medians, seconds_of
-from benchmarks.reference import lecture_train_params
 from benchmarks.workload import Workload
+from pipeline import lecture
 from pipeline.counts import bigram_counts, bigram_loss_from_counts
+from pipeline.lecture import lecture_train_params
 from pipeline.model import BigramLanguageModel
 from pipeline.training import exact_losses, train_minibatch, train_on_counts
 
@@ -48,8 +48,8 @@ def training_rows(work: Workload, steps: int, repeats: int, device: torch.device
     config = dataclasses.replace(LECTURE, max_iters=steps, eval_interval=steps)
 
     def run_reference() -> None:
-        model, optimizer = reference.new_model_and_optimizer(work.vocab_size, device)
-        reference.train_steps(model, optimizer, reference_train, steps, device)
+        model, optimizer = lecture.new_model_and_optimizer(work.vocab_size, device)
+        lecture.train_steps(model, optimizer, reference_train, steps, device)
         synchronize(device)
 
     def run_ours() -> None:
@@ -82,10 +82,10 @@ def default_run_rows(work: Workload, repeats: int) -> list[Row]:
     final: dict[str, float] = {}
 
     def run_reference() -> None:
-        model, optimizer = reference.new_model_and_optimizer(work.vocab_size)
+        model, optimizer = lecture.new_model_and_optimizer(work.vocab_size)
         for _ in range(0, LECTURE.max_iters, LECTURE.eval_interval):
-            reference.estimate_loss(model, splits)
-            reference.train_steps(model, optimizer, work.reference_train, LECTURE.eval_interval)
+            lecture.estimate_loss(model, splits)
+            lecture.train_steps(model, optimizer, work.reference_train, LECTURE.eval_interval)
         weights = model.table.weight.detach()
         final["reference"] = bigram_loss_from_counts(weights, work.train_counts).item()
 
@@ -126,7 +126,7 @@ def evaluation_rows(work: Workload, repeats: int) -> list[Row]:
     """Target 2: exact loss from bigram counts against the lecture's 200-batch estimate."""
     model = new_model(work)
     train_on_counts(model, work.train_counts, LECTURE, lambda step: None, no_progress())
-    reference_model = reference.ReferenceBigram(work.vocab_size)
+    reference_model = lecture.ReferenceBigram(work.vocab_size)
     with torch.no_grad():
         reference_model.table.weight.copy_(model.token_embedding_table.weight)
     splits = {"train": work.reference_train, "val": work.reference_val}
@@ -134,7 +134,7 @@ def evaluation_rows(work: Workload, repeats: int) -> list[Row]:
     evaluations = 100
 
     def run_reference() -> None:
-        estimates.append(reference.estimate_loss(reference_model, splits)["val"])
+        estimates.append(lecture.estimate_loss(reference_model, splits)["val"])
 
     def run_ours() -> None:
         for _ in range(evaluations):
@@ -196,7 +196,7 @@ def evaluation_rows(work: Workload, repeats: int) -> list[Row]:
 def generation_rows(work: Workload, repeats: int) -> list[Row]:
     """Target 3: O(n) sampling from precomputed probabilities against the O(n^2) loop."""
     model = new_model(work)
-    reference_model = reference.ReferenceBigram(work.vocab_size)
+    reference_model = lecture.ReferenceBigram(work.vocab_size)
     with torch.no_grad():
         reference_model.table.weight.copy_(model.token_embedding_table.weight)
     start = torch.zeros((1, 1), dtype=torch.long)
@@ -270,8 +270,8 @@ def optimum_rows(work: Workload, repeats: int) -> list[Row]:
         reach_times.append(time_to_tolerance())
     reach_s = statistics.median(reach_times)
 
-    reference_model, optimizer = reference.new_model_and_optimizer(work.vocab_size)
-    reference.train_steps(reference_model, optimizer, work.reference_train, LECTURE.max_iters)
+    reference_model, optimizer = lecture.new_model_and_optimizer(work.vocab_size)
+    lecture.train_steps(reference_model, optimizer, work.reference_train, LECTURE.max_iters)
     reference_gap = (
         bigram_loss_from_counts(reference_model.table.weight.detach(), work.train_counts).item()
         - work.optimum

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import reference
 from benchmarks.measure import REPO_ROOT, Row, format_table, interleaved_medians, machine_summary
-from benchmarks.reference import lecture_train_params
 from benchmarks.workload import Workload, find_corpus, load_workload
+from pipeline import lecture
+from pipeline.lecture import lecture_train_params
 from pipeline.model import BigramLanguageModel
 from pipeline.training import exact_losses, train_minibatch
 
@@ -64,8 +64,8 @@ def step_rate_rows(work: Workload, steps: int, repeats: int) -> list[Row]:
     config = lecture_train_params(max_iters=steps, eval_interval=steps)
 
     def lecture_loop() -> None:
-        model, optimizer = reference.new_model_and_optimizer(work.vocab_size, cuda)
-        reference.train_steps(model, optimizer, work.reference_train, steps, cuda)
+        model, optimizer = lecture.new_model_and_optimizer(work.vocab_size, cuda)
+        lecture.train_steps(model, optimizer, work.reference_train, steps, cuda)
 
     def ours(cuda_graph: bool):
         def run() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import reference
 from benchmarks.measure import REPO_ROOT
+from pipeline import lecture
 from pipeline.counts import bigram_counts, conditional_entropy
 from pipeline.data import to_device_tokens
 from pipeline.params import CORPUS_URL_ENV
@@ -58,8 +58,8 @@ class Workload:
 
 
 def load_workload(corpus: Path) -> Workload:
-    chars, tokens = reference.encode_corpus(corpus.read_text(encoding="utf-8"))
-    reference_train, reference_val = reference.split_tokens(tokens)
+    chars, tokens = lecture.encode_corpus(corpus.read_text(encoding="utf-8"))
+    reference_train, reference_val = lecture.split_tokens(tokens)
     # The vocab stage's storage: uint8 up to 256 characters (wider ones load as int32).
     dtype = np.uint8 if len(chars) <= 256 else np.int32
     train_tokens = to_device_tokens(reference_train.numpy().astype(dtype), "cpu")

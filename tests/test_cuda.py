@@ -12,8 +12,8 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from benchmarks.reference import lecture_train_params
 from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.lecture import lecture_train_params
 from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 from pipeline.training import exact_losses, resolve_device, train_minibatch, train_on_counts

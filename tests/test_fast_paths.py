@@ -14,10 +14,10 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from benchmarks import reference
-from benchmarks.reference import lecture_train_params
+from pipeline import lecture
 from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
 from pipeline.data import get_batch, to_device_tokens
+from pipeline.lecture import lecture_train_params
 from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 from pipeline.training import eval_steps, train_minibatch, train_on_counts
@@ -71,15 +71,15 @@ def test_closed_form_gradient_equals_autograd():
 
 
 def test_train_minibatch_follows_the_lecture_loop():
-    """The lecture's loop (benchmarks/reference.py), fed the same random stream, ends with the
+    """The lecture's loop (pipeline/lecture.py), fed the same random stream, ends with the
     same table: the gather, the one log-softmax and fused AdamW change speed, not the math."""
     tokens = random_tokens(20_000)
     config = lecture_train_params(max_iters=120, eval_interval=50, lr=1e-2)
     weights, eval_points = trained_with(train_minibatch, tokens, config)
     assert eval_points == [0, 50, 100, 120]
-    model, optimizer = reference.new_model_and_optimizer(VOCAB_SIZE, seed=config.seed)
+    model, optimizer = lecture.new_model_and_optimizer(VOCAB_SIZE, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    reference.train_steps(model, optimizer, tokens.long(), config.max_iters, generator=generator)
+    lecture.train_steps(model, optimizer, tokens.long(), config.max_iters, generator=generator)
     expected = model.table.weight.detach()
     # Only float rounding differs (fused AdamW, one log-softmax for the whole batch).
     torch.testing.assert_close(weights, expected, rtol=0, atol=1e-5)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.reference import lecture_train_params
 from pipeline.errors import PipelineError
+from pipeline.lecture import lecture_train_params
 from pipeline.params import check_block_size, load_params
 from pipeline.training import resolve_device
 from testbed import (
