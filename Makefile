@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install lock repro pipeline-lock plots test lint format bench gpu-check clean
+.PHONY: install lock repro pipeline-lock plots test test-fast lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -56,9 +56,16 @@ PLOTS ?= show
 plots: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/offline_plots.py $(PLOTS)
 
-# Lint and type check first (`make lint`), then the whole suite.
+# Lint and type check first (`make lint`), then the whole suite on every core (pytest-xdist; a
+# test file stays on one worker, so that its module fixtures are built once), then the 15
+# slowest tests. `make test-fast`: the same without the tests that run the real pipeline (e2e).
+PYTEST_WORKERS ?= auto
+PYTEST = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 test: lint
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	$(PYTEST) --durations=15
+
+test-fast: lint
+	$(PYTEST) -m "not e2e"
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.run

@@ -10,7 +10,8 @@ import it as ``testbed``. It is not part of the installed package (pyproject.tom
 Nothing here reads the workspace's params.yaml, dvc.lock, data/ or mlflow.db, which the README's
 commands change: copies get params.yaml as committed at HEAD.
 
-- Paths and constants: REPO_ROOT, VENV_BIN, CORPUS_SHA256, FAST_TRAIN, NOT_COPIED.
+- Paths and constants: REPO_ROOT, VENV_BIN, CORPUS_SHA256, FAST_TRAIN, NOT_COPIED,
+  ARTIFACT_COLUMNS.
 - Repo copies: write_committed_params, make_repo_copy, make_fast_repo_copy, copy_trained_repo,
   update_params, commit_all.
 - Processes: pipeline_env, run, run_stage; serve_directory, free_port.
@@ -45,6 +46,12 @@ VENV_BIN = Path(sys.executable).parent
 FAST_TRAIN = {"max_iters": 300, "eval_interval": 100, "lr": 0.02}
 # Left out of copies of a trained repo: each copy gets its own MLflow store and DVC state.
 NOT_COPIED = {"mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlflow.db.lock", "mlartifacts", "tmp"}
+# The columns of MLflow's SQL store that hold an absolute artifact path (besides experiments').
+ARTIFACT_COLUMNS = (
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+)
 
 
 # Repo copies --------------------------------------------------------------------------------
@@ -129,15 +136,19 @@ def copy_trained_repo(trained: Path, destination: Path) -> Path:
 def copy_repo_with_store(source: Path, destination: Path) -> Path:
     """A repo copy with its MLflow store, whose runs then go on in the copy.
 
-    The store records the experiment's artifact directory as an absolute path: it is pointed
-    at the copy's own, so that artifacts logged in the copy do not land in the source.
+    The store records artifact directories as absolute paths: the experiment's, every run's,
+    every logged model's and version's are pointed at the copy's own, so that artifacts logged
+    in the copy do not land in the source and those read come from the copy.
     """
     shutil.copytree(source, destination, symlinks=True)
+    old, new = f"{source.resolve()}/", f"{destination.resolve()}/"
     with contextlib.closing(sqlite3.connect(destination / "mlflow.db")) as db, db:
         db.execute(
             "UPDATE experiments SET artifact_location = ?",
             ((destination / "mlartifacts").as_uri(),),
         )
+        for table, column in ARTIFACT_COLUMNS:
+            db.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)", (old, new))
     return destination
 
 

@@ -1,5 +1,9 @@
 """Shared fixtures: the real corpus served over HTTP on 127.0.0.1, and throwaway repo copies.
 
+The real pipeline runs that many tests only read (prepared_repo, trained_run, trained_experiment)
+are made once per test run, whatever the number of pytest-xdist workers (built_once); each
+worker then reads its own copy.
+
 Tests never read the workspace's params.yaml, dvc.lock, data/ or mlflow.db, which the README's
 commands change: they work on copies, with params.yaml as committed at HEAD. The plain helpers
 these fixtures use, and tests import, live in tests/support/ and, where the benchmarks share
@@ -9,10 +13,13 @@ them, in testbed.py at the repository root.
 from __future__ import annotations
 
 import http.server
-from collections.abc import Iterator
+import os
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from pipeline.download import corpus_source, download_verified
 from pipeline.errors import PipelineError
@@ -22,6 +29,7 @@ from testbed import (
     copy_repo_with_store,
     copy_trained_repo,
     make_fast_repo_copy,
+    pipeline_env,
     run,
     serve_directory,
     update_params,
@@ -29,6 +37,14 @@ from testbed import (
 )
 from tests.support.models import make_workspace
 from tests.support.servers import start_faulty_server
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules that run the real pipeline (an e2e test) first, the quick ones after: with
+    pytest-xdist's --dist loadfile each module goes whole to the next free worker, so that the
+    quick ones then fill the gaps and no worker is left running one long module alone."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +79,45 @@ def repo_copy(tmp_path: Path, corpus_url: str) -> tuple[Path, dict[str, str]]:
     return make_fast_repo_copy(tmp_path / "repo", corpus_url)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], str]) -> tuple[Path, str]:
+    """A directory that build(directory) fills once per test run, however many pytest-xdist
+    workers ask for it, and what build returned (a command's stdout).
+
+    The first worker to ask builds it under a file lock in the run's shared temporary directory;
+    the others wait on the lock, then reuse it. A build that failed is redone by the next one
+    to ask, so that each gets the failure itself.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "built-once"
+    root.mkdir(exist_ok=True)
+    directory, output = root / name, root / f"{name}.stdout"
+    with FileLock(root / f"{name}.lock"):
+        if not output.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            stdout = build(directory)
+            output.write_text(stdout)
+    return directory, output.read_text()
+
+
+def private_copy(template: Path, tmp_path_factory, name: str) -> Path:
+    """This worker's own copy of a shared repo, with its MLflow store: DVC and git commands
+    lock the repo they run in, so that workers must not run them in the same one."""
+    return copy_repo_with_store(template, tmp_path_factory.mktemp(name) / "repo")
+
+
 @pytest.fixture(scope="session")
 def prepared_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
     """A repo copy where `dvc repro vocab` has run: corpus, tokens and an MLflow store exist."""
-    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("prepared") / "repo", corpus_url)
-    run(["dvc", "repro", "vocab"], repo, env)
-    commit_all(repo, env, "download and vocab")
-    return repo, env
+
+    def build(directory: Path) -> str:
+        repo, env = make_fast_repo_copy(directory / "repo", corpus_url)
+        result = run(["dvc", "repro", "vocab"], repo, env)
+        commit_all(repo, env, "download and vocab")
+        return result.stdout
+
+    built, _ = built_once(tmp_path_factory, "prepared", build)
+    return private_copy(built / "repo", tmp_path_factory, "prepared"), pipeline_env(corpus_url)
 
 
 @pytest.fixture
@@ -80,17 +128,31 @@ def prepared_copy(prepared_repo, tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def trained_repo(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str]]:
-    """A repo copy after one `dvc repro` with fast params, then committed with its dvc.lock.
+def trained_run(tmp_path_factory, corpus_url: str) -> tuple[Path, dict[str, str], str]:
+    """A repo copy after one `dvc repro` with fast params, then committed with its dvc.lock;
+    and the stdout of that `dvc repro`.
 
-    The run was made with a params change not yet committed (train.seed), as runs often are.
-    Read-only: tests work in their own copy (testbed.copy_trained_repo), sharing this one
-    baseline run.
+    The run was made with a params change not yet committed (train.seed), as runs often are:
+    its training run names the commit before HEAD. Read-only: tests work in their own copy
+    (testbed.copy_trained_repo), sharing this one baseline run.
     """
-    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("trained") / "repo", corpus_url)
-    update_params(repo, train={"seed": 7})
-    run(["dvc", "repro"], repo, env)
-    commit_all(repo, env, "baseline run")
+
+    def build(directory: Path) -> str:
+        repo, env = make_fast_repo_copy(directory / "repo", corpus_url)
+        update_params(repo, train={"seed": 7})
+        result = run(["dvc", "repro"], repo, env)
+        commit_all(repo, env, "baseline run")
+        return result.stdout
+
+    built, stdout = built_once(tmp_path_factory, "trained", build)
+    repo = private_copy(built / "repo", tmp_path_factory, "trained")
+    return repo, pipeline_env(corpus_url), stdout
+
+
+@pytest.fixture(scope="session")
+def trained_repo(trained_run) -> tuple[Path, dict[str, str]]:
+    """trained_run's repo and environment."""
+    repo, env, _ = trained_run
     return repo, env
 
 
@@ -100,9 +162,13 @@ def trained_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, 
     and that run's stdout. Tests that run more work in their own copy
     (testbed.copy_repo_with_store)."""
     trained, env = trained_repo
-    repo = copy_trained_repo(trained, tmp_path_factory.mktemp("experiment") / "repo")
-    result = run(["dvc", "exp", "run", "-S", "train.seed=8"], repo, env)
-    return repo, env, result.stdout
+
+    def build(directory: Path) -> str:
+        repo = copy_trained_repo(trained, directory / "repo")
+        return run(["dvc", "exp", "run", "-S", "train.seed=8"], repo, env).stdout
+
+    built, stdout = built_once(tmp_path_factory, "experiment", build)
+    return private_copy(built / "repo", tmp_path_factory, "experiment"), env, stdout
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """End to end: the real `dvc repro` in a throwaway git repo, corpus from a local HTTP server.
 
-One module-scoped repo is reproduced once; the tests then read it, and the last one adds an
-experiment to it.
+The tests read one module-scoped copy of the suite's baseline run (conftest.trained_run); the
+last one adds an experiment to it.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from testbed import CORPUS_SHA256, FAST_TRAIN, free_port, make_fast_repo_copy, run
+from testbed import CORPUS_SHA256, FAST_TRAIN, copy_repo_with_store, free_port, run
 
 pytestmark = pytest.mark.e2e
 STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory, corpus_url) -> tuple[Path, dict[str, str], str]:
-    """A repo copy after one real `dvc repro`; also returns that command's stdout."""
-    repo, env = make_fast_repo_copy(tmp_path_factory.mktemp("e2e") / "repo", corpus_url)
-    result = run(["dvc", "repro"], repo, env)
-    return repo, env, result.stdout
+def reproduced(trained_run, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """The suite's one baseline `dvc repro` (conftest.trained_run), in this module's own copy,
+    and that command's stdout."""
+    trained, env, stdout = trained_run
+    return copy_repo_with_store(trained, tmp_path_factory.mktemp("e2e") / "repo"), env, stdout
 
 
 def client_for(repo: Path) -> MlflowClient:
@@ -104,9 +104,10 @@ def test_mlflow_holds_params_metrics_artifacts_and_lineage(reproduced):
     history = client.get_metric_history(run_id, "val_loss")
     assert sorted({m.step for m in history}) == [0, 100, 200, 300]
 
-    head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+    # The run was made before its results were committed: at the commit before HEAD.
+    made_at = run(["git", "rev-parse", "HEAD~1"], repo, env).stdout.strip()
     tags = training.data.tags
-    assert tags["mlflow.source.git.commit"] == head
+    assert tags["mlflow.source.git.commit"] == made_at
     assert tags["device"] == "cpu" and tags["corpus_sha256"] == CORPUS_SHA256
     assert client.get_run(tags["download_run_id"]).data.tags["stage"] == "download"
     assert client.get_run(tags["vocab_run_id"]).data.tags["stage"] == "vocab"
