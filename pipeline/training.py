@@ -5,9 +5,10 @@
 is all the loss depends on. Both call ``on_eval(step)`` at every eval point, where the caller
 computes the exact losses from the bigram counts (``exact_losses``).
 
-On a CUDA device a minibatch step is captured once as a CUDA graph and replayed
-(``CudaGraphStep``); on the CPU the loop is the lecture's five lines, with the gradient of the
-batch's loss computed in closed form instead of by backward().
+A minibatch step is the lecture's (``lecture_step``: batch, loss, zero_grad, backward, step)
+or one of two equivalents beside it, chosen in ``choose_step``: on the CPU the gradient of the
+batch's loss in closed form instead of by backward() (``closed_form_step``); on a CUDA device the
+step captured once as a CUDA graph and replayed (``CudaGraphStep``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,218 @@ import torch
 from tqdm import tqdm
 
 from pipeline.counts import bigram_loss_from_counts
-from pipeline.data import get_batch
+from pipeline.data import batch_at, get_batch
 from pipeline.errors import PipelineError
 from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
 
 EvalCallback = Callable[[int], None]
+TrainStep = Callable[[], None]
 # Loss evaluations L-BFGS may spend per iteration, most of them in its line search.
 LINE_SEARCH_EVALS = 25
+
+
+def fit(
+    model: BigramLanguageModel,
+    train_tokens: torch.Tensor,
+    train_counts: torch.Tensor,
+    config: TrainParams,
+    on_eval: EvalCallback,
+    progress: tqdm,
+) -> None:
+    """Train by config.method: the lecture's minibatch loop, or L-BFGS on the bigram counts."""
+    if config.method == "counts":
+        train_on_counts(model, train_counts, config, on_eval, progress)
+    else:
+        train_minibatch(model, train_tokens, config, on_eval, progress)
+
+
+def train_minibatch(
+    model: BigramLanguageModel,
+    train_tokens: torch.Tensor,
+    config: TrainParams,
+    on_eval: EvalCallback,
+    progress: tqdm,
+    cuda_graph: bool = True,
+) -> None:
+    """The lecture's loop: AdamW on random batches, one step at a time; on_eval(step) at each
+    eval point. The step is the lecture's (lecture_step) or one of its faster equivalents,
+    chosen by choose_step.
+
+    The loss is never read back per step, so between eval points the device never waits for
+    Python.
+    """
+    step = choose_step(model, train_tokens, config, cuda_graph)
+    evals = set(eval_steps(config.max_iters, config.eval_interval))
+    for iteration in range(config.max_iters):
+        if iteration in evals:
+            on_eval(iteration)
+        step()
+        progress.update()
+    on_eval(config.max_iters)
+
+
+def lecture_step(
+    model: BigramLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    config: TrainParams,
+    generator: torch.Generator,
+) -> TrainStep:
+    """The lecture's step: a random batch, its loss, zero_grad, backward, an optimizer step."""
+
+    def step() -> None:
+        inputs, targets = get_batch(tokens, config.batch_size, config.block_size, generator)
+        loss = model.batch_loss(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def closed_form_step(
+    model: BigramLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    config: TrainParams,
+    generator: torch.Generator,
+) -> TrainStep:
+    """The lecture's step on a CPU, with the gradient of the batch's loss computed in closed
+    form (BigramLanguageModel.batch_loss_gradient) instead of by autograd's forward and
+    backward passes: the same numbers up to float rounding.
+
+    A CPU step is bound by per-op overhead, so this runs 1.4x as many steps a second at V = 65
+    and twice as many at V = 4096.
+    """
+    weights = model.token_embedding_table.weight
+
+    def step() -> None:
+        inputs, targets = get_batch(tokens, config.batch_size, config.block_size, generator)
+        weights.grad = model.batch_loss_gradient(inputs, targets)  # zero_grad and backward
+        optimizer.step()
+
+    return step
+
+
+def choose_step(
+    model: BigramLanguageModel, tokens: torch.Tensor, config: TrainParams, cuda_graph: bool
+) -> TrainStep:
+    """The one place a step is chosen: closed form on a CPU, a replayed CUDA graph on CUDA
+    (unless cuda_graph is False), the lecture's own step elsewhere (MPS, eager CUDA). All draw
+    the same batches from one generator seeded with train.seed."""
+    device = tokens.device
+    use_graph = cuda_graph and device.type == "cuda"
+    # Fused: one kernel for the whole AdamW update instead of a dozen small ones per step.
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, fused=True, capturable=use_graph
+    )
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    if use_graph:
+        return CudaGraphStep(model, optimizer, tokens, config, generator)
+    if device.type == "cpu":
+        return closed_form_step(model, optimizer, tokens, config, generator)
+    return lecture_step(model, optimizer, tokens, config, generator)
+
+
+class CudaGraphStep:
+    """The lecture's step captured once as a CUDA graph and replayed: one launch per step.
+
+    A bigram step is a dozen tiny kernels, so launching them from Python costs more than
+    running them. A graph replays fixed memory, so the batch starts are drawn into one reused
+    buffer. As torch.cuda.graph requires, the first WARMUP_STEPS steps run eagerly on a side
+    stream (they are real steps: the optimizer creates its state there); the next step is
+    captured, with gradients set to None first so that backward allocates them from the graph's
+    memory pool, and every later step replays the graph.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(
+        self,
+        model: BigramLanguageModel,
+        optimizer: torch.optim.Optimizer,
+        tokens: torch.Tensor,
+        config: TrainParams,
+        generator: torch.Generator,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.tokens = tokens
+        self.block_size = config.block_size
+        self.generator = generator
+        self.starts = torch.empty(config.batch_size, dtype=torch.long, device=tokens.device)
+        self.steps_run = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _loss_backward_update(self) -> None:
+        inputs, targets = batch_at(self.tokens, self.starts, self.block_size)
+        self.model.batch_loss(inputs, targets).backward()
+        self.optimizer.step()
+
+    def __call__(self) -> None:
+        num_starts = len(self.tokens) - self.block_size
+        torch.randint(
+            num_starts,
+            self.starts.shape,
+            generator=self.generator,
+            device=self.starts.device,
+            out=self.starts,
+        )
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.steps_run < self.WARMUP_STEPS:
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream), warnings.catch_warnings():
+                # capturable=True warns when a step runs uncaptured, as warm-up steps must.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                self.optimizer.zero_grad(set_to_none=True)
+                self._loss_backward_update()
+            torch.cuda.current_stream().wait_stream(side_stream)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._loss_backward_update()
+            self.graph.replay()  # Capturing records the step without running it.
+        self.steps_run += 1
+
+
+def train_on_counts(
+    model: BigramLanguageModel,
+    train_counts: torch.Tensor,
+    config: TrainParams,
+    on_eval: EvalCallback,
+    progress: tqdm,
+) -> None:
+    """Full-batch L-BFGS on the exact train loss; max_iters bounds its iterations.
+
+    One optimizer.step() runs the iterations between two eval points. L-BFGS stops early once
+    the loss or the weights stop changing (its tolerance_change), which on Tiny Shakespeare
+    takes a few hundred iterations, so later calls return almost at once.
+    """
+    weights = model.token_embedding_table.weight
+    optimizer = torch.optim.LBFGS([weights], lr=1.0, history_size=20, line_search_fn="strong_wolfe")
+    counts = train_counts.to(weights.dtype)
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = bigram_loss_from_counts(weights, counts)
+        loss.backward()
+        return loss
+
+    evals = eval_steps(config.max_iters, config.eval_interval)
+    for start, stop in zip(evals, evals[1:], strict=False):
+        on_eval(start)
+        # max_eval bounds loss evaluations, line searches included: LBFGS's default (1.25 per
+        # iteration) would stop a run of a few iterations in its first line search.
+        optimizer.param_groups[0].update(
+            max_iter=stop - start, max_eval=LINE_SEARCH_EVALS * (stop - start)
+        )
+        optimizer.step(closure)
+        progress.update(stop - start)
+    on_eval(config.max_iters)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,169 +322,3 @@ def eval_steps(max_iters: int, eval_interval: int) -> list[int]:
     """The lecture evaluates every eval_interval steps from 0; we add the final step."""
     steps = list(range(0, max_iters, eval_interval))
     return steps + [max_iters]
-
-
-def fit(
-    model: BigramLanguageModel,
-    train_tokens: torch.Tensor,
-    train_counts: torch.Tensor,
-    config: TrainParams,
-    on_eval: EvalCallback,
-    progress: tqdm,
-) -> None:
-    """Train by config.method: the lecture's minibatch loop, or L-BFGS on the bigram counts."""
-    if config.method == "counts":
-        train_on_counts(model, train_counts, config, on_eval, progress)
-    else:
-        train_minibatch(model, train_tokens, config, on_eval, progress)
-
-
-def train_minibatch(
-    model: BigramLanguageModel,
-    train_tokens: torch.Tensor,
-    config: TrainParams,
-    on_eval: EvalCallback,
-    progress: tqdm,
-    cuda_graph: bool = True,
-) -> None:
-    """The lecture's loop: AdamW on random batches; on_eval(step) at each eval point.
-
-    The loss is never read back per step, so between eval points the device never waits for
-    Python. On CUDA the step runs as a CUDA graph unless cuda_graph is False.
-    """
-    device = train_tokens.device
-    use_graph = cuda_graph and device.type == "cuda"
-    # Fused: one kernel for the whole AdamW update instead of a dozen small ones per step.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, fused=True, capturable=use_graph
-    )
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    # On a CPU a step is bound by per-op overhead: with the closed-form gradient
-    # (BigramLanguageModel.batch_loss_gradient) instead of autograd's forward and backward passes
-    # it runs 1.4x as many steps a second at V = 65, twice as many at V = 4096, for the same
-    # numbers up to float rounding.
-    weights = model.token_embedding_table.weight
-    graph_step = (
-        CudaGraphStep(model, optimizer, train_tokens, config, generator) if use_graph else None
-    )
-    evals = set(eval_steps(config.max_iters, config.eval_interval))
-    for step in range(config.max_iters):
-        if step in evals:
-            on_eval(step)
-        if graph_step is not None:
-            graph_step()
-        else:
-            inputs, targets = get_batch(
-                train_tokens, config.batch_size, config.block_size, generator
-            )
-            if device.type == "cpu":
-                weights.grad = model.batch_loss_gradient(inputs, targets)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                model.batch_loss(inputs, targets).backward()
-            optimizer.step()
-        progress.update()
-    on_eval(config.max_iters)
-
-
-class CudaGraphStep:
-    """One training step captured as a CUDA graph and replayed: one launch per step.
-
-    A bigram step is a dozen tiny kernels, so launching them from Python costs more than
-    running them. A graph replays fixed memory, so the batch starts are drawn into one reused
-    buffer. As torch.cuda.graph requires, the first WARMUP_STEPS steps run eagerly on a side
-    stream (they are real steps: the optimizer creates its state there); the next step is
-    captured, with gradients set to None first so that backward allocates them from the graph's
-    memory pool, and every later step replays the graph.
-    """
-
-    WARMUP_STEPS = 3
-
-    def __init__(
-        self,
-        model: BigramLanguageModel,
-        optimizer: torch.optim.Optimizer,
-        tokens: torch.Tensor,
-        config: TrainParams,
-        generator: torch.Generator,
-    ):
-        self.model = model
-        self.optimizer = optimizer
-        self.tokens = tokens
-        self.block_size = config.block_size
-        self.generator = generator
-        self.starts = torch.empty(config.batch_size, dtype=torch.long, device=tokens.device)
-        self.steps_run = 0
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def _forward_backward_update(self) -> None:
-        positions = self.starts.unsqueeze(1) + torch.arange(
-            self.block_size, device=self.tokens.device
-        )
-        inputs, targets = self.tokens[positions].long(), self.tokens[positions + 1].long()
-        self.model.batch_loss(inputs, targets).backward()
-        self.optimizer.step()
-
-    def __call__(self) -> None:
-        num_starts = len(self.tokens) - self.block_size
-        torch.randint(
-            num_starts,
-            self.starts.shape,
-            generator=self.generator,
-            device=self.starts.device,
-            out=self.starts,
-        )
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.steps_run < self.WARMUP_STEPS:
-            side_stream = torch.cuda.Stream()
-            side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side_stream), warnings.catch_warnings():
-                # capturable=True warns when a step runs uncaptured, as warm-up steps must.
-                warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                self.optimizer.zero_grad(set_to_none=True)
-                self._forward_backward_update()
-            torch.cuda.current_stream().wait_stream(side_stream)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._forward_backward_update()
-            self.graph.replay()  # Capturing records the step without running it.
-        self.steps_run += 1
-
-
-def train_on_counts(
-    model: BigramLanguageModel,
-    train_counts: torch.Tensor,
-    config: TrainParams,
-    on_eval: EvalCallback,
-    progress: tqdm,
-) -> None:
-    """Full-batch L-BFGS on the exact train loss; max_iters bounds its iterations.
-
-    One optimizer.step() runs the iterations between two eval points. L-BFGS stops early once
-    the loss or the weights stop changing (its tolerance_change), which on Tiny Shakespeare
-    takes a few hundred iterations, so later calls return almost at once.
-    """
-    weights = model.token_embedding_table.weight
-    optimizer = torch.optim.LBFGS([weights], lr=1.0, history_size=20, line_search_fn="strong_wolfe")
-    counts = train_counts.to(weights.dtype)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = bigram_loss_from_counts(weights, counts)
-        loss.backward()
-        return loss
-
-    evals = eval_steps(config.max_iters, config.eval_interval)
-    for start, stop in zip(evals, evals[1:], strict=False):
-        on_eval(start)
-        # max_eval bounds loss evaluations, line searches included: LBFGS's default (1.25 per
-        # iteration) would stop a run of a few iterations in its first line search.
-        optimizer.param_groups[0].update(
-            max_iter=stop - start, max_eval=LINE_SEARCH_EVALS * (stop - start)
-        )
-        optimizer.step(closure)
-        progress.update(stop - start)
-    on_eval(config.max_iters)

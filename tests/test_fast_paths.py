@@ -20,7 +20,13 @@ from pipeline.data import get_batch, to_device_tokens
 from pipeline.lecture import lecture_train_params
 from pipeline.model import BigramLanguageModel
 from pipeline.params import TrainParams
-from pipeline.training import eval_steps, train_minibatch, train_on_counts
+from pipeline.training import (
+    closed_form_step,
+    eval_steps,
+    lecture_step,
+    train_minibatch,
+    train_on_counts,
+)
 from testbed import REPO_ROOT, write_committed_params
 
 VOCAB_SIZE = 65
@@ -86,6 +92,27 @@ def test_train_minibatch_follows_the_lecture_loop():
     torch.manual_seed(config.seed)
     initial = BigramLanguageModel(VOCAB_SIZE).token_embedding_table.weight.detach()
     assert (weights - initial).abs().max() > 0.1, "training did not move the weights"
+
+
+def test_the_closed_form_step_is_the_lectures_step():
+    """The CPU's step (closed_form_step) and the lecture's (lecture_step: loss, zero_grad,
+    backward, step), from one seed, draw the same batches and end with the same table."""
+    tokens = random_tokens(20_000)
+    config = lecture_train_params(max_iters=100, eval_interval=50)
+    tables = []
+    for make_step in (lecture_step, closed_form_step):
+        torch.manual_seed(config.seed)
+        model = BigramLanguageModel(VOCAB_SIZE)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, fused=True)
+        generator = torch.Generator().manual_seed(config.seed)
+        step = make_step(model, optimizer, tokens, config, generator)
+        for _ in range(config.max_iters):
+            step()
+        tables.append(model.token_embedding_table.weight.detach())
+    torch.testing.assert_close(tables[1], tables[0], rtol=0, atol=1e-5)
+    torch.manual_seed(config.seed)
+    initial = BigramLanguageModel(VOCAB_SIZE).token_embedding_table.weight.detach()
+    assert (tables[0] - initial).abs().max() > 0.1, "training did not move the weights"
 
 
 def test_train_minibatch_is_deterministic_on_cpu():

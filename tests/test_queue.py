@@ -30,17 +30,9 @@ from tests.support.experiments import (
     wait_for_queue,
 )
 
-# The issue's four experiments, then four more: eight runs on four workers.
-EIGHT_EXPERIMENTS = [
-    "train.lr=3e-3",
-    "train.lr=1e-2",
-    "train.lr=3e-2",
-    "train.batch_size=64",
-    "train.lr=5e-3",
-    "train.batch_size=16",
-    "train.seed=1",
-    "train.seed=2",
-]
+# Four experiments on four workers: every worker starts at once on a store that does not exist
+# yet, beside a `dvc exp run --temp`. (Eight on four proved nothing more, at twice the time.)
+FOUR_EXPERIMENTS = ["train.lr=3e-3", "train.lr=3e-2", "train.batch_size=64", "train.seed=1"]
 
 
 def store_client(repo: Path) -> MlflowClient:
@@ -48,32 +40,32 @@ def store_client(repo: Path) -> MlflowClient:
 
 
 @pytest.mark.e2e
-def test_eight_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_path):
+def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_path):
     """The reliability issue's load test and the scale issue's queue in one run of the queue:
-    eight experiments on four workers, and a `dvc exp run --temp` beside them.
+    four experiments on four workers, and a `dvc exp run --temp` beside them.
 
     The copy starts without mlflow.db, so the first workers also race to create it.
     """
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
     env = trained_repo[1]
-    names = queue(repo, env, EIGHT_EXPERIMENTS)
-    assert len(names) == 8
+    names = queue(repo, env, FOUR_EXPERIMENTS)
+    assert len(names) == 4
 
     start_queue(repo, env, jobs=4)
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
     temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
-    status = wait_for_queue(repo, env, experiments=9)
-    assert status.count("Success") == 8, status + failed_task_logs(repo, env, status)
+    status = wait_for_queue(repo, env, experiments=5)
+    assert status.count("Success") == 4, status + failed_task_logs(repo, env, status)
 
     client = store_client(repo)
     runs = check_experiments_in_store(client, repo, env, {**names, temp_name: "train.lr=4e-2"})
-    assert len(runs) == 9
+    assert len(runs) == 5
     # Nothing else ran (download and vocab were unchanged) and no run is left RUNNING.
-    assert len(training_runs(client)) == 9
+    assert len(training_runs(client)) == 5
     experiment = client.get_experiment_by_name("bigram")
     assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"FINISHED"}
     check_registry(client, runs)
-    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 9
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 5
 
     head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     for found in runs:
