@@ -38,11 +38,21 @@ from testbed import (
 from tests.support.models import make_workspace
 from tests.support.servers import start_faulty_server
 
+# The fixtures that run the real pipeline (dvc and its stages, in a repo copy): a test that uses
+# one is an e2e test, marked or not, and `make test-fast` (-m "not e2e") leaves it out.
+PIPELINE_FIXTURES = frozenset(
+    {"prepared_repo", "prepared_copy", "trained_run", "trained_repo", "trained_experiment"}
+)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules that run the real pipeline (an e2e test) first, the quick ones after: with
-    pytest-xdist's --dist loadfile each module goes whole to the next free worker, so that the
-    quick ones then fill the gaps and no worker is left running one long module alone."""
+    """Mark the tests that use a pipeline fixture e2e; then put the modules that hold an e2e
+    test first and the quick ones after. With pytest-xdist's --dist loadfile each module goes
+    whole to the next free worker, so that the quick ones then fill the gaps and no worker is
+    left running one long module alone."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("e2e")}
     items.sort(key=lambda item: item.module.__name__ not in slow_modules)
 
