@@ -1,6 +1,7 @@
 """Shared fixtures: the real corpus served over HTTP on 127.0.0.1, and throwaway repo copies.
 
-The real pipeline runs that many tests only read (prepared_repo, trained_run, trained_experiment)
+The real pipeline runs that many tests only read (prepared_repo, trained_run, trained_experiment,
+experiments)
 are made once per test run, whatever the number of pytest-xdist workers (built_once); each
 worker then reads its own copy.
 
@@ -13,6 +14,7 @@ them, in testbed.py at the repository root.
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -35,13 +37,22 @@ from testbed import (
     update_params,
     write_committed_params,
 )
+from tests.support.experiments import Experiments
 from tests.support.models import make_workspace
 from tests.support.servers import start_faulty_server
+from tests.support.stages import exp_run
 
 # The fixtures that run the real pipeline (dvc and its stages, in a repo copy): a test that uses
 # one is an e2e test, marked or not, and `make test-fast` (-m "not e2e") leaves it out.
 PIPELINE_FIXTURES = frozenset(
-    {"prepared_repo", "prepared_copy", "trained_run", "trained_repo", "trained_experiment"}
+    {
+        "prepared_repo",
+        "prepared_copy",
+        "trained_run",
+        "trained_repo",
+        "trained_experiment",
+        "experiments",
+    }
 )
 
 
@@ -179,6 +190,27 @@ def trained_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, 
 
     built, stdout = built_once(tmp_path_factory, "experiment", build)
     return private_copy(built / "repo", tmp_path_factory, "experiment"), env, stdout
+
+
+@pytest.fixture(scope="session")
+def experiments(trained_repo, tmp_path_factory) -> Experiments:
+    """A copy of the trained repo (a new MLflow store) after three `dvc exp run`s: train.lr
+    0.05, 0.005, then 0.05 again, which DVC restores from its run-cache. Tests only read it."""
+    trained, env = trained_repo
+    names: list[str] = []
+
+    def build(directory: Path) -> str:
+        repo = copy_trained_repo(trained, directory / "repo")
+        for override in ("train.lr=0.05", "train.lr=0.005", "train.lr=0.05"):
+            name, stdout = exp_run(repo, env, override)
+            names.append(name)
+        (directory / "names.json").write_text(json.dumps(names))
+        return stdout  # the restored one's
+
+    built, restored_stdout = built_once(tmp_path_factory, "experiments", build)
+    first, second, restored = json.loads((built / "names.json").read_text())
+    repo = private_copy(built / "repo", tmp_path_factory, "experiments")
+    return Experiments(repo, env, first, second, restored, restored_stdout)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import pytest
 import vl_convert
 
 from testbed import copy_trained_repo, run
-from tests.support.stages import exp_run
 from tools import offline_plots
 
 TRAIN_COLOUR, VAL_COLOUR = "#1f5fa8", "#e8590c"
@@ -110,9 +109,8 @@ def test_the_offline_page_refuses_a_bundle_that_would_break_dvcs_page():
 
 
 @pytest.mark.e2e
-def test_plots_diff_of_main_and_an_experiment_draws_both_curves(trained_repo, tmp_path):
-    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
-    experiment, _ = exp_run(repo, env, "train.lr=0.05")
+def test_plots_diff_of_main_and_an_experiment_draws_both_curves(experiments):
+    repo, env, experiment = experiments.repo, experiments.env, experiments.first
     spec, errors = loss_chart(repo, env, "diff", "main", experiment)
     assert not errors
     revisions = {row["rev"] for row in spec["data"]["values"]}

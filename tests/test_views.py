@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,8 @@ from testbed import (
     run_stage,
     update_params,
 )
-from tests.support.stages import ENDLESS_TRAINING, exp_run, start_and_wait_for_training
+from tests.support.experiments import Experiments
+from tests.support.stages import ENDLESS_TRAINING, start_and_wait_for_training
 
 STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 MODEL_NAME = "bigram-shakespeare"
@@ -284,28 +284,6 @@ def exp_show(repo: Path, env: dict) -> dict[str, dict]:
         for baseline in shown
         for exp in baseline.get("experiments") or []
     }
-
-
-@dataclass(frozen=True)
-class Experiments:
-    """A copy of the trained repo after three `dvc exp run`s; tests only read it."""
-
-    repo: Path
-    env: dict
-    first: str  # train.lr=0.05
-    second: str  # train.lr=0.005
-    restored: str  # train.lr=0.05 again: DVC restored every stage from its run-cache
-    restored_stdout: str
-
-
-@pytest.fixture(scope="module")
-def experiments(trained_repo, tmp_path_factory) -> Experiments:
-    repo = copy_trained_repo(trained_repo[0], tmp_path_factory.mktemp("experiments") / "repo")
-    env = trained_repo[1]
-    first, _ = exp_run(repo, env, "train.lr=0.05")
-    second, _ = exp_run(repo, env, "train.lr=0.005")
-    restored, stdout = exp_run(repo, env, "train.lr=0.05")
-    return Experiments(repo, env, first, second, restored, stdout)
 
 
 @pytest.mark.e2e

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,15 @@ def check_registry(client: MlflowClient, runs: list) -> None:
             found.data.metrics["val_loss"], abs=1e-6
         )
         assert f"val_loss {found.data.metrics['val_loss']:.4f}" in version.description
+
+
+@dataclass(frozen=True)
+class Experiments:
+    """A copy of the trained repo after three `dvc exp run`s (conftest.experiments)."""
+
+    repo: Path
+    env: dict
+    first: str  # train.lr=0.05
+    second: str  # train.lr=0.005
+    restored: str  # train.lr=0.05 again: DVC restored every stage from its run-cache
+    restored_stdout: str
