@@ -67,3 +67,12 @@ def pin_environment() -> None:
 def pins_description() -> str:
     """The pins as one line, ``NAME=value`` each, for the run's rebuild record."""
     return " ".join(f"{name}={value}" for name, value in PINNED_ENVIRONMENT.items())
+
+
+def pin_threads() -> None:
+    """One torch thread, for a stage that computes with torch (train, evaluate): the order of a
+    parallel float sum depends on the thread count. Bigram tensors are too small to gain from
+    threads. torch is imported here, by a stage that has loaded it, never before the pins."""
+    import torch
+
+    torch.set_num_threads(1)

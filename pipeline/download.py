@@ -370,7 +370,7 @@ def main() -> None:
         mlflow.log_params({"data.url": masked(params.data.url), "data.sha256": params.data.sha256})
         # Where this machine fetched the corpus from goes to MLflow, never into download.json:
         # a DVC-tracked file must not differ between machines that fetched the same bytes.
-        mlflow.set_tags({"corpus_source": masked(source), "corpus_sha256": params.data.sha256})
+        mlflow.set_tags({"corpus_source": masked(source), tracking.CORPUS_TAG: params.data.sha256})
         started = time.perf_counter()
         size = download_verified(
             source,

@@ -22,7 +22,7 @@ import math
 import mlflow
 import torch
 
-from pipeline import reproducibility, tracking
+from pipeline import tracking
 from pipeline.cli import stage_entry_point
 from pipeline.counts import (
     bigram_counts,
@@ -33,6 +33,7 @@ from pipeline.counts import (
     uniform_loss,
 )
 from pipeline.data import load_encoded_corpus, to_device_tokens
+from pipeline.determinism import pin_threads
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
 from pipeline.heatmap import plot_next_char_probs
@@ -79,7 +80,7 @@ def check_metrics_finite(metrics: dict[str, float]) -> None:
 
 
 def main() -> None:
-    reproducibility.pin_threads()
+    pin_threads()
     params = load_params()
     chars, splits = load_encoded_corpus(VOCAB_PATH, (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH))
     model = load_model(MODEL_PATH, len(chars))

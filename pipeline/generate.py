@@ -42,6 +42,7 @@ from pipeline.cli import stage_entry_point
 from pipeline.errors import PipelineError
 from pipeline.params import PARAMS_FILE, SampleParams, load_params
 from pipeline.paths import MODEL_PATH, VOCAB_PATH
+from pipeline.secrets import masked
 
 if TYPE_CHECKING:
     from pipeline.textgen import TextGenerator
@@ -182,14 +183,13 @@ def load_from_uri(uri: str) -> TextGenerator:
             )
         except MlflowException as error:
             raise PipelineError(
-                f"cannot load model {uri} from the MLflow store {store.shown_uri(store_uri)}: "
+                f"cannot load model {uri} from the MLflow store {masked(store_uri)}: "
                 f"{error.message.splitlines()[0]}"
             ) from None
         except Exception as error:  # Artifact stores fail in their own ways (boto3, HTTP).
             reason = (str(error).strip() or type(error).__name__).splitlines()[0]
             raise PipelineError(
-                f"cannot load model {uri} from the MLflow store {store.shown_uri(store_uri)} "
-                f"({reason})"
+                f"cannot load model {uri} from the MLflow store {masked(store_uri)} ({reason})"
             ) from None
         return load_mlflow_model(Path(local_dir), uri)
 

@@ -42,6 +42,7 @@ from pipeline.cli import stage_entry_point
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, read_json
 from pipeline.paths import METRICS_PATH, MODEL_PATH, PROBS_PLOT_PATH, SAMPLING_DEFAULTS_PATH
+from pipeline.secrets import masked
 
 
 def main() -> None:
@@ -76,7 +77,7 @@ def link_model() -> str | None:
     params = load_params()
     experiment_id = store.connect(params.tracking.experiment_name)
     tracking.end_runs_of_dead_processes(experiment_id)
-    store_uri = store.shown_uri(store.tracking_uri())
+    store_uri = masked(store.tracking_uri())
     if linked and (recorded_run_id is None or tracking.run_exists(recorded_run_id)):
         if recorded_run_id is not None and not _registration_recorded(recorded_run_id):
             # A training whose weights came out the same as an earlier one's: DVC skipped

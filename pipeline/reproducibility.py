@@ -23,12 +23,12 @@ import hashlib
 import importlib.metadata
 import json
 import platform
-import subprocess
 from pathlib import Path
 
 import mlflow
 import torch
 
+from pipeline import git
 from pipeline.determinism import pins_description
 from pipeline.paths import LOSS_CURVE_PATH, METRICS_PATH
 
@@ -44,17 +44,8 @@ DEPS_TAG = "rebuild.deps_sha256"
 
 def changed_files() -> list[str] | None:
     """Tracked files that differ from HEAD (dvc.lock aside), or None outside a git repo."""
-    try:
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    paths = [line[3:].split(" -> ")[-1] for line in status.splitlines()]
-    return sorted(path for path in paths if path not in NOT_SOURCE)
+    changed = git.changed_tracked_files()
+    return None if changed is None else [path for path in changed if path not in NOT_SOURCE]
 
 
 def file_md5(path: Path) -> str:
@@ -76,13 +67,6 @@ def stage_deps(stage: str = TRAIN_STAGE) -> list[str]:
 def stage_dep_hashes(stage: str = TRAIN_STAGE) -> dict[str, str]:
     """md5 of each file dep of a dvc.yaml stage (the train stage's deps are all files)."""
     return {dep: file_md5(Path(dep)) for dep in stage_deps(stage) if Path(dep).is_file()}
-
-
-def pin_threads() -> None:
-    """One torch thread: the order of a parallel float sum depends on the thread count (see
-    pipeline.determinism, which also pins the kernel level). Bigram tensors are too small to
-    gain from threads."""
-    torch.set_num_threads(1)
 
 
 def device_name(device: torch.device) -> str:

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline import git
 from pipeline.files import write_json
 from pipeline.paths import RUN_INFO_PATH
 
@@ -105,8 +105,4 @@ def stage_for_experiment() -> None:
     """Under `dvc exp run`, stage run.json so that DVC commits it into the experiment."""
     if not os.environ.get("DVC_EXP_NAME") or not RUN_INFO_PATH.is_file():
         return
-    subprocess.run(
-        ["git", "add", "--force", "--", str(RUN_INFO_PATH)],
-        capture_output=True,
-        check=False,
-    )
+    git.stage_ignored_file(RUN_INFO_PATH)

@@ -132,17 +132,12 @@ def connect(experiment_name: str) -> str:
     # ./mlruns of the working directory: DVC's temporary copy under `dvc exp run --temp` or a
     # queue worker, deleted with every artifact of the experiment's runs, later ones included.
     artifact_location = None if uri.startswith(("http:", "https:")) else repo_artifacts_uri()
-    return _get_or_create_experiment(experiment_name, artifact_location, uri=shown_uri(uri))
+    return _get_or_create_experiment(experiment_name, artifact_location, uri=masked(uri))
 
 
 def repo_artifacts_uri() -> str:
     """mlartifacts/ of the repository the user works in (DVC_ROOT under a temporary copy)."""
     return (repo_root() / ARTIFACTS_DIR).as_uri()
-
-
-def shown_uri(uri: str) -> str:
-    """The URI with its password masked, fit for an error message or a log."""
-    return masked(uri)
 
 
 # Where `mlflow ui` serves by default.
@@ -170,7 +165,7 @@ def run_page(experiment_id: str, run_id: str) -> tuple[str, str | None]:
     if uri.startswith("sqlite:///"):
         store_uri = f"sqlite:///{_shown_sqlite_path(sqlite_path(uri))}"
     else:
-        store_uri = shown_uri(uri)
+        store_uri = masked(uri)
     return f"{LOCAL_UI_URL}/{page}", f"mlflow ui --backend-store-uri {store_uri}"
 
 
@@ -193,7 +188,7 @@ def sqlite_path(uri: str) -> Path:
     path = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
     if path in ("", ":memory:"):
         raise PipelineError(
-            f"{TRACKING_URI_ENV}={shown_uri(uri)} names no database file: use "
+            f"{TRACKING_URI_ENV}={masked(uri)} names no database file: use "
             "sqlite:///relative/path/mlflow.db or sqlite:////absolute/path/mlflow.db, or unset it "
             f"to use {STORE_FILE} at the repository root"
         )
@@ -385,21 +380,21 @@ def _probe_server(uri: str) -> None:
     except urllib.error.HTTPError as error:
         if error.code >= 500:
             raise PipelineError(
-                f"MLflow tracking server {shown_uri(uri)} cannot serve its API (HTTP "
+                f"MLflow tracking server {masked(uri)} cannot serve its API (HTTP "
                 f"{error.code} {error.reason} from {SERVER_PROBE_PATH.partition('?')[0]}): see "
                 f"the server's log, its backend store may be down; or unset {TRACKING_URI_ENV} "
                 f"to use the local store {STORE_FILE}"
             ) from None
     except TimeoutError:
         raise PipelineError(
-            f"MLflow tracking server {shown_uri(uri)} did not answer its API within "
+            f"MLflow tracking server {masked(uri)} did not answer its API within "
             f"{SERVER_PROBE_TIMEOUT_S} s: see the server's log; or unset {TRACKING_URI_ENV} to "
             f"use the local store {STORE_FILE}"
         ) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         reason = getattr(error, "reason", error)
         raise PipelineError(
-            f"MLflow tracking server {shown_uri(uri)} is unreachable ({reason}); {fix}"
+            f"MLflow tracking server {masked(uri)} is unreachable ({reason}); {fix}"
         ) from None
 
 
@@ -471,14 +466,14 @@ def _probe_database(uri: str) -> None:
             pass
     except ModuleNotFoundError as error:
         raise PipelineError(
-            f"MLflow store {shown_uri(uri)} needs the Python module '{error.name}', its "
+            f"MLflow store {masked(uri)} needs the Python module '{error.name}', its "
             "database driver, which is not installed: install it, or name an installed driver "
             f"in {TRACKING_URI_ENV} (postgresql+psycopg://...)"
         ) from None
     except Exception as error:  # The driver's errors, a malformed URI.
         cause = getattr(error, "orig", None) or error
         raise PipelineError(
-            f"MLflow store {shown_uri(uri)} cannot be reached ({type(cause).__name__}: "
+            f"MLflow store {masked(uri)} cannot be reached ({type(cause).__name__}: "
             f"{first_line(cause)}); check that the database runs and that the host, port, user "
             f"and password in {TRACKING_URI_ENV} are right"
         ) from None

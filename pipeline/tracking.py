@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, RunInputs, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from pipeline import git
 from pipeline.errors import PipelineError, StageInterrupted
 from pipeline.files import file_sha256
 from pipeline.params import Params
@@ -39,7 +39,6 @@ from pipeline.store import (
     first_line,
     process_tags,
     run_process_has_gone,
-    shown_uri,
     tracking_uri,
 )
 
@@ -72,40 +71,15 @@ def run_name(params: Params) -> str:
     Without the corpus, a training on a user's own text and the Shakespeare training of the
     same commit would carry the same name in MLflow's runs table.
     """
-    name = dvc_experiment_name() or code_version()
+    name = dvc_experiment_name() or git.code_version()
     if params.data.name != DEFAULT_CORPUS:
         name = f"{name} ({params.data.name})"
     return name
 
 
-def code_version() -> str:
-    """``<branch>@<short commit>`` of the working tree (``unknown`` outside a git repo)."""
-    branch = _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown"
-    commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    return f"{branch}@{commit}"
-
-
 def corpus_run_name(stage: str, params: Params) -> str:
     """The name of a download or vocab run: the stage and the corpus, ``download lunyu``."""
     return f"{stage} {params.data.name}"
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def end_runs_of_dead_processes(experiment_id: str) -> None:
@@ -146,7 +120,11 @@ def stage_run(
     """
     experiment_id = connect(params.tracking.experiment_name)
     end_runs_of_dead_processes(experiment_id)
-    all_tags = {"stage": stage, "mlflow.source.git.commit": git_commit(), **(tags or {})}
+    all_tags = {
+        "stage": stage,
+        "mlflow.source.git.commit": git.head_commit() or "unknown",
+        **(tags or {}),
+    }
     experiment_name = dvc_experiment_name()
     if experiment_name:
         all_tags["dvc.exp_name"] = experiment_name
@@ -210,7 +188,7 @@ def training_run_id(params: Params, model_sha256: str) -> str:
     run_id = find_run(experiment_id, "train", MODEL_TAG, model_sha256)
     if run_id is None:
         raise PipelineError(
-            f"no finished training run in the MLflow store {shown_uri(tracking_uri())} holds "
+            f"no finished training run in the MLflow store {masked(tracking_uri())} holds "
             f"data/train/model.pt (tag {MODEL_TAG} = {model_sha256[:12]}...): rerun training "
             "with `dvc repro -f train`"
         )

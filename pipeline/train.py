@@ -26,6 +26,7 @@ from pipeline import reproducibility, runrecord, tracking
 from pipeline.cli import stage_entry_point
 from pipeline.counts import bigram_counts
 from pipeline.data import load_encoded_corpus, to_device_tokens
+from pipeline.determinism import pin_threads
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
 from pipeline.model import BigramLanguageModel, save_model
 from pipeline.params import Params, TrainParams, check_block_size, load_params
@@ -98,7 +99,7 @@ def save_outputs(model: BigramLanguageModel, curve: list[dict]) -> None:
 
 
 def main() -> None:
-    reproducibility.pin_threads()
+    pin_threads()
     params = load_params()
     # A failed allocation anywhere in training (counts, batches, optimizer state) is one line.
     with out_of_memory_as_error(params.train):

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.model import BigramLanguageModel
-from pipeline.store import shown_uri
+from pipeline.secrets import masked
 from pipeline.vocab import count_characters
 from testbed import (
     VENV_BIN,
@@ -326,10 +326,8 @@ def test_a_tracking_server_on_a_closed_port_is_named_within_seconds(prepared_cop
 
 
 def test_passwords_are_masked_in_shown_uris():
-    assert (
-        shown_uri("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
-    )
-    assert shown_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert masked("postgresql://bob:s3cret@db:5432/mlflow") == "postgresql://bob:***@db:5432/mlflow"
+    assert masked("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
 def assert_store_refused(repo: Path, env: dict, *mentions: str) -> None:

@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 
 from pipeline import store, tracking
 from pipeline.errors import PipelineError
+from pipeline.secrets import masked
 from testbed import VENV_BIN, copy_trained_repo, free_port, run
 from tests.support.experiments import (
     check_experiments_in_store,
@@ -363,7 +364,7 @@ def test_a_database_store_that_cannot_be_used_is_named_within_seconds(
     assert elapsed < 15, f"{elapsed:.0f} s"
     message = str(failure.value)
     assert "\n" not in message and expected in message, message
-    assert message.startswith(f"MLflow store {store.shown_uri(uri)} cannot be reached")
+    assert message.startswith(f"MLflow store {masked(uri)} cannot be reached")
     assert "wrong-pw" not in message and ":pw@" not in message
 
 
