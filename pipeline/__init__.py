@@ -2,20 +2,21 @@
 
 Each stage is a module run as ``python -m pipeline.<stage>`` (see dvc.yaml): ``check`` (every
 param, before DVC removes any output) -> ``download`` -> ``vocab`` -> ``train`` -> ``evaluate``
--> ``sample``, and ``link`` (names the MLflow run of the workspace's model, on every run, and
+-> ``register`` -> ``sample``, and ``link`` (names the MLflow run of the workspace's model, on every run, and
 ends with where to look). ``generate`` is the user's command for text from any trained model.
 No stage imports another; they share:
 
 - ``paths`` (every input and output path), ``params`` (typed, validated params.yaml);
 - ``model`` (the bigram model), ``counts`` (bigram counts and the exact losses they give),
-  ``data`` (vocabulary, token files, batches), ``training`` (the loops), ``heatmap``;
+  ``data`` (vocabulary, token files, batches), ``training`` (the loops), ``heatmap``,
+  ``lecture`` (the lecture's plain loop, the reference the fast paths are checked against);
 - ``tracking`` (the stages' MLflow runs), ``store`` (where the MLflow store is, opened safely),
   ``serving`` and ``generator_model`` (the logged and registered models), ``textgen`` (text in,
   text out, sampling defaults), ``runrecord`` (data/train/run.json), ``reproducibility`` (a
   run's rebuild record);
 - ``cli`` (how a stage runs: one-line failures, signals, no arguments), ``errors`` (the
-  exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords), ``determinism`` (the
-  CPU kernel level and thread counts, pinned before torch loads).
+  exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords), ``git`` (every git
+  command), ``determinism`` (the CPU kernel level and thread counts, pinned before torch loads).
 """
 
 import gc
