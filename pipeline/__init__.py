@@ -2,8 +2,9 @@
 
 Each stage is a module run as ``python -m pipeline.<stage>`` (see dvc.yaml): ``check`` (every
 param, before DVC removes any output) -> ``download`` -> ``vocab`` -> ``train`` -> ``evaluate``
--> ``register`` -> ``sample``, and ``link`` (names the MLflow run of the workspace's model, on every run, and
-ends with where to look). ``generate`` is the user's command for text from any trained model.
+-> ``register`` -> ``sample``, and ``link`` (names the MLflow run of the workspace's model, on
+every run, and ends with where to look). ``generate`` is the user's command for text from any
+trained model.
 No stage imports another; they share:
 
 - ``paths`` (every input and output path), ``params`` (typed, validated params.yaml);
