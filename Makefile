@@ -57,10 +57,12 @@ plots: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/offline_plots.py $(PLOTS)
 
 # Lint and type check first (`make lint`), then the whole suite on every core (pytest-xdist; a
-# test file stays on one worker, so that its module fixtures are built once), then the 15
-# slowest tests. `make test-fast`: the same without the tests that run the real pipeline (e2e).
+# test file stays on one worker, so that its module fixtures are built once; the longest files
+# start first: tests/conftest.py), then the 15 slowest tests. `make test-fast`: the same without
+# the tests that run the real pipeline (e2e), for the inner loop.
 PYTEST_WORKERS ?= auto
-PYTEST = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+PYTEST = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile \
+	--no-loadscope-reorder
 test: lint
 	$(PYTEST) --durations=15
 

@@ -56,16 +56,53 @@ PIPELINE_FIXTURES = frozenset(
 )
 
 
+# The modules that take longest, longest first (measured on CI's 2 cores, `make test` prints the
+# slowest tests), in the order the workers start them: with --dist loadfile a module goes whole
+# to the next free worker, so that the quick ones fill the gaps at the end instead of one long
+# module running alone. test_faults comes second because it needs no trained repo: its worker
+# works while the first builds the shared one. The order changes how well the workers are
+# packed, never a result; a module not named here starts after these.
+LONGEST_FIRST = (
+    "test_queue",
+    "test_faults",
+    "test_views",
+    "test_team_server",
+    "test_pipeline_e2e",
+    "test_mlflow_views",
+    "test_disk_and_store_faults",
+    "test_secrets",
+    "test_sharing",
+    "test_one_stage_per_job",
+    "test_stage_imports",
+    "test_stage_cli",
+    "test_own_corpus",
+    "test_cpu_kernels",
+    "test_plots",
+    "test_limits",
+    "test_download",
+    "test_rejected_experiments",
+    "test_model_trust",
+    "test_store_faults",
+    "test_quiet",
+    "test_run_summary",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark the tests that use a pipeline fixture e2e; then put the modules that hold an e2e
-    test first and the quick ones after. With pytest-xdist's --dist loadfile each module goes
-    whole to the next free worker, so that the quick ones then fill the gaps and no worker is
-    left running one long module alone."""
+    """Mark the tests that use a pipeline fixture e2e; order the modules LONGEST_FIRST, then
+    those holding an e2e test, then the rest (`make test` keeps this order for its workers:
+    --no-loadscope-reorder)."""
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
     slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("e2e")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
+
+    def start_order(item: pytest.Item) -> tuple[int, bool]:
+        name = item.module.__name__.rpartition(".")[2]
+        rank = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return rank, item.module.__name__ not in slow_modules
+
+    items.sort(key=start_order)
 
 
 @pytest.fixture(scope="session")
