@@ -193,8 +193,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True, time
 
 
 def run_stage(stage: str, repo: Path, env: dict[str, str], timeout: int = 120):
-    """Run one stage as DVC would (`python -m pipeline.<stage>` in the repo), not checked."""
-    return run([sys.executable, "-m", f"pipeline.{stage}"], repo, env, check=False, timeout=timeout)
+    """Run one stage as DVC would (`python -m pipeline.stages.<stage>` in the repo), unchecked."""
+    command = [sys.executable, "-m", f"pipeline.stages.{stage}"]
+    return run(command, repo, env, check=False, timeout=timeout)
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -241,7 +242,7 @@ def assert_one_line_error(result, *mentions: str) -> str:
 
 # The link stage's command line as DVC prints it, and what DVC itself prints after the last
 # stage (DVC 3): the lock file, then what it ran.
-LINK_COMMAND = "> python -m pipeline.link"
+LINK_COMMAND = "> python -m pipeline.stages.link"
 DVC_TRAILING = (
     "Updating lock file",
     "Use `dvc push`",

@@ -15,11 +15,11 @@ from tqdm import tqdm
 
 from benchmarks.measure import Row, fmt_seconds, interleaved_medians, seconds_of
 from benchmarks.workload import Workload
-from pipeline import lecture
-from pipeline.counts import bigram_counts, bigram_loss_from_counts
-from pipeline.lecture import lecture_train_params
-from pipeline.model import BigramLanguageModel
-from pipeline.training import exact_losses, train_minibatch, train_on_counts
+from pipeline.lm import lecture
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.counts import bigram_counts, bigram_loss_from_counts
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.training import exact_losses, train_minibatch, train_on_counts
 
 LECTURE = lecture_train_params()
 GENERATED_CHARS = 10_000

@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from benchmarks.measure import REPO_ROOT, Row, format_table, interleaved_medians, machine_summary
 from benchmarks.workload import Workload, find_corpus, load_workload
-from pipeline import lecture
-from pipeline.lecture import lecture_train_params
-from pipeline.model import BigramLanguageModel
-from pipeline.training import exact_losses, train_minibatch
+from pipeline.lm import lecture
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.training import exact_losses, train_minibatch
 
 LECTURE = lecture_train_params()
 # CUDA-graph step against the lecture's loop on the same GPU; GPU loss against the CPU's.

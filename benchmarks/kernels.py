@@ -49,9 +49,9 @@ def measure_in_this_process(level: str, vocab_size: int, steps: int, corpus: Pat
 
     from benchmarks.compute import LECTURE, no_progress
     from benchmarks.workload import load_workload
-    from pipeline.data import to_device_tokens
-    from pipeline.model import BigramLanguageModel
-    from pipeline.training import train_minibatch
+    from pipeline.lm.bigram import BigramLanguageModel
+    from pipeline.lm.tokens import to_device_tokens
+    from pipeline.lm.training import train_minibatch
 
     torch.set_num_threads(1)
     if vocab_size == 65:

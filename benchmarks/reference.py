@@ -1,7 +1,7 @@
 """The lecture's script, end to end: ``python -m benchmarks.reference path/to/input.txt``.
 
 3000 steps, an estimate every 300, a 500-character sample, as ng-video-lecture's bigram.py runs;
-the algorithm is pipeline/lecture.py's. The benchmarks time this command against `dvc repro`.
+the algorithm is pipeline/lm/lecture.py's. The benchmarks time this command against `dvc repro`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from pipeline.lecture import (
+from pipeline.lm.lecture import (
     EVAL_INTERVAL,
     MAX_ITERS,
     SAMPLE_CHARS,

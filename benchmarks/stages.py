@@ -43,7 +43,7 @@ MAX_NOOP_REPRO_S = 2.0
 # What a stage process pays before its own work: MLflow's import and opening the store, as every
 # stage does first (store.connect), ...
 MLFLOW_STARTUP = (
-    "from pipeline import store; from pipeline.params import load_params; "
+    "from pipeline.tracking import store; from pipeline.params import load_params; "
     "store.connect(load_params().tracking.experiment_name)"
 )
 # ... and, to train, torch and torch._dynamo, which torch.optim loads on first use. The reference
@@ -101,7 +101,7 @@ def run_stages(repo: Path, env: dict[str, str], stages=STAGES) -> dict[str, Stag
     runs = {}
     for stage in stages:
         result = run_child(
-            [sys.executable, "-X", "importtime", "-m", f"pipeline.{stage}"], repo, env
+            [sys.executable, "-X", "importtime", "-m", f"pipeline.stages.{stage}"], repo, env
         )
         imports_s, modules = import_seconds(result.stderr)
         runs[stage] = StageRun(result.wall_s, imports_s, result.peak_rss_bytes, modules)
@@ -111,10 +111,10 @@ def run_stages(repo: Path, env: dict[str, str], stages=STAGES) -> dict[str, Stag
 def data_path_seconds(corpus: Path, sha256: str, scratch: Path) -> dict[str, float]:
     """Seconds each stage spends on the corpus itself, its functions called in this process:
     the part that scales with the corpus, without imports and MLflow (see target 6)."""
-    from pipeline.counts import bigram_counts
-    from pipeline.data import load_tokens, to_device_tokens
-    from pipeline.download import download_verified
-    from pipeline.vocab import count_characters, encode_split
+    from pipeline.lm.counts import bigram_counts
+    from pipeline.lm.tokens import load_tokens, to_device_tokens
+    from pipeline.stages.download import download_verified
+    from pipeline.stages.vocab import count_characters, encode_split
 
     train_path, val_path = scratch / "train.npy", scratch / "val.npy"
     started = time.perf_counter()

@@ -45,8 +45,8 @@ SINGLE_EXPERIMENT_LR = "2e-2"
 
 # The stages, in `dvc repro`'s order. The link stage starts no MLflow run at all; on its fast
 # path, the one it takes right after training (run.json names the model, no run is left
-# RUNNING), it imports neither MLflow nor torch (pipeline/link.py). All of its wall time counts,
-# against a bare interpreter.
+# RUNNING), it imports neither MLflow nor torch (pipeline/stages/link.py). All of its wall time
+# counts, against a bare interpreter.
 COST_STAGES = (*STAGES, "link")
 # The floor of each stage: what it cannot avoid importing and opening before its own work,
 # started the way a stage starts: the garbage collector off while the libraries load, then on
@@ -166,7 +166,7 @@ def stage_cost_rows(corpus: Path, work_dir: Path, threads: int, repeats: int) ->
     for _ in range(repeats + 1):
         for stage in COST_STAGES:
             launched_ms = int(time.time() * 1000)
-            wall_s = run_child([sys.executable, "-m", f"pipeline.{stage}"], repo, env).wall_s
+            wall_s = run_child([sys.executable, "-m", f"pipeline.stages.{stage}"], repo, env).wall_s
             client = client or MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
             walls[stage].append(wall_s)
             extra[stage].append(wall_s - (own_run_seconds(client, stage, launched_ms) or 0.0))
@@ -207,8 +207,8 @@ def own_run_seconds(client, stage: str, launched_ms: int) -> float | None:
     """How long the MLflow run of a stage process launched at launched_ms lasted: the stage's own
     work, as MLflow saw it. None for a stage that starts no run (link).
 
-    pipeline.tracking.stage_run tags every run it starts with ``stage = <name>`` (evaluate's and
-    sample's are child runs of the training run, tagged with their own stage): a stage's own run
+    pipeline.tracking.runs.stage_run tags every run it starts with ``stage = <name>`` (evaluate's
+    and sample's are child runs of the training run, tagged with their own stage): a stage's own run
     is the one run so tagged that started after its process was launched. Anything else means
     the assumption no longer holds, and the figure would be wrong: that fails the benchmark.
     """

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from benchmarks.measure import REPO_ROOT
-from pipeline import lecture
-from pipeline.counts import bigram_counts, conditional_entropy
-from pipeline.data import to_device_tokens
+from pipeline.lm import lecture
+from pipeline.lm.counts import bigram_counts, conditional_entropy
+from pipeline.lm.tokens import to_device_tokens
 from pipeline.params import CORPUS_URL_ENV
 
 DEFAULT_CORPUS = REPO_ROOT / "data" / "raw" / "input.txt"

@@ -1,23 +1,21 @@
 """Karpathy's character-level bigram language model as a DVC + MLflow pipeline.
 
-Each stage is a module run as ``python -m pipeline.<stage>`` (see dvc.yaml): ``check`` (every
-param, before DVC removes any output) -> ``download`` -> ``vocab`` -> ``train`` -> ``evaluate``
--> ``register`` -> ``sample``, and ``link`` (names the MLflow run of the workspace's model, on
-every run, and ends with where to look). ``generate`` is the user's command for text from any
-trained model.
-No stage imports another; they share:
+Three sub-packages, by concern, over a few small base modules:
 
-- ``paths`` (every input and output path), ``params`` (typed, validated params.yaml);
-- ``model`` (the bigram model), ``counts`` (bigram counts and the exact losses they give),
-  ``data`` (vocabulary, token files, batches), ``training`` (the loops), ``heatmap``,
-  ``lecture`` (the lecture's plain loop, the reference the fast paths are checked against);
-- ``tracking`` (the stages' MLflow runs), ``store`` (where the MLflow store is, opened safely),
-  ``serving`` and ``generator_model`` (the logged and registered models), ``textgen`` (text in,
-  text out, sampling defaults), ``runrecord`` (data/train/run.json), ``reproducibility`` (a
-  run's rebuild record);
-- ``cli`` (how a stage runs: one-line failures, signals, no arguments), ``errors`` (the
+- ``stages``: one module per DVC stage, run as ``python -m pipeline.stages.<stage>`` (see
+  dvc.yaml): check -> download -> vocab -> train -> evaluate -> register -> sample, and link.
+  No stage imports another.
+- ``lm``: the models and their maths (``bigram``, ``counts``, ``tokens``, ``training``,
+  ``lecture``, ``sampling``, ``heatmap``): no MLflow, no repository paths.
+- ``tracking``: everything MLflow (``store``, ``processes``, ``runs``, ``lineage``,
+  ``registry``, ``served_model``, ``served_model_entry``, ``rebuild``, ``run_record``).
+- base: ``params`` (typed, validated params.yaml), ``paths`` (every input and output path),
+  ``cli`` (how a stage runs: one-line failures, signals, no arguments), ``errors`` (the
   exceptions), ``files`` (atomic writes), ``secrets`` (masked passwords), ``git`` (every git
   command), ``determinism`` (the CPU kernel level and thread counts, pinned before torch loads).
+
+``generate`` (``python -m pipeline.generate``) is the user's command for text from any trained
+model.
 """
 
 import gc

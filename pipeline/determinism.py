@@ -18,7 +18,7 @@ Both libraries read these variables once, when torch first dispatches a kernel: 
 runs in pipeline/__init__.py, before any stage imports torch. The pins override the caller's
 environment, so that a shell's ``ATEN_CPU_CAPABILITY`` cannot change a tracked output. The
 train stage records them, and the kernel level torch reports, among the run's rebuild tags
-(pipeline.reproducibility).
+(pipeline.tracking.rebuild).
 """
 
 from __future__ import annotations

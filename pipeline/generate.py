@@ -11,7 +11,7 @@ root, or ``$MLFLOW_TRACKING_URI``. MLflow models carry their own vocabulary. The
 prompt followed by the generated characters. ``--chars``, ``--temperature`` and ``--seed``
 default to the model's sampling defaults, whose ``max_chars`` bounds ``--chars``: the ``sample``
 params stored with an MLflow model at training, or params.yaml's for a ``model.pt`` (see
-pipeline.textgen). A model fetched from the store goes to a temporary directory that is removed
+pipeline.lm.sampling). A model fetched from the store goes to a temporary directory that is removed
 once the model is in memory, whether loading works or not; a ``file:`` URI is read in place.
 
 A model source is data, never code: from any form of a model only tensors (through torch's
@@ -45,7 +45,7 @@ from pipeline.paths import MODEL_PATH, VOCAB_PATH
 from pipeline.secrets import masked
 
 if TYPE_CHECKING:
-    from pipeline.textgen import TextGenerator
+    from pipeline.lm.sampling import TextGenerator
 
 # Where download_artifacts looks up a model: this project's store (and its artifacts).
 MODEL_URI_SCHEMES = ("models", "runs", "mlflow-artifacts", "file")
@@ -118,9 +118,9 @@ def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
 
 
 def load_from_path(path: Path, vocab_path: Path, reference: str) -> TextGenerator:
-    from pipeline.data import load_vocab
-    from pipeline.model import load_model
-    from pipeline.textgen import TextGenerator
+    from pipeline.lm.bigram import load_model
+    from pipeline.lm.sampling import TextGenerator
+    from pipeline.lm.tokens import load_vocab
 
     if path.is_dir() and (path / "MLmodel").exists():
         return load_mlflow_model(path, reference)
@@ -156,7 +156,7 @@ def load_from_uri(uri: str) -> TextGenerator:
     from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
     from mlflow.exceptions import MlflowException
 
-    from pipeline import store
+    from pipeline.tracking import store
 
     scheme = urllib.parse.urlparse(uri).scheme
     if scheme not in MODEL_URI_SCHEMES:
@@ -195,7 +195,7 @@ def load_from_uri(uri: str) -> TextGenerator:
 
 
 def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
-    """Load either flavour the train stage logs, the pyfunc generator or the PyTorch model, from
+    """Load either flavour the register stage logs, the pyfunc generator or the PyTorch model, from
     its tensors and JSON files alone: no pickle is run, no code of the model's is imported (see
     docs/DESIGN.md, "What a model source is trusted for")."""
     source = source or str(path)
@@ -214,9 +214,9 @@ def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
 def _load_mlflow_model(root: Path, source: str) -> TextGenerator:
     import yaml
 
-    from pipeline.data import load_vocab
-    from pipeline.model import load_logged_module, load_model
-    from pipeline.textgen import SAMPLING_DEFAULTS_FILE, TextGenerator, read_sampling_defaults
+    from pipeline.lm.bigram import load_logged_module, load_model
+    from pipeline.lm.sampling import SAMPLING_DEFAULTS_FILE, TextGenerator, read_sampling_defaults
+    from pipeline.lm.tokens import load_vocab
 
     mlmodel = yaml.safe_load(model_file(root, "MLmodel", source).read_text(encoding="utf-8"))
     flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None

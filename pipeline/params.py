@@ -142,7 +142,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class SampleParams:
     """How the sample stage, the generate command and the served model sample, unless a
-    request says otherwise (see pipeline.textgen)."""
+    request says otherwise (see pipeline.lm.sampling)."""
 
     num_chars: int = param(POSITIVE)
     seed: int = param(SEED)
@@ -217,7 +217,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
                 **values,
                 "registered_model_name": f"{REGISTERED_NAME_PREFIX}{sections['data'].name}",
             }
-        sections[name] = _build_section(section_type, name, values, path)
+        sections[name] = build_section(section_type, name, values, path)
     return Params(**sections)
 
 
@@ -247,7 +247,7 @@ def _reject_unknown_keys(values: dict, known: list[str], prefix: str, path: Path
             raise PipelineError(f"{path}: unknown param '{prefix}{key}'{hint}")
 
 
-def _build_section(section_type: type, section_name: str, values: dict, path: Path):
+def build_section(section_type: type, section_name: str, values: dict, path: Path):
     field_types = typing.get_type_hints(section_type)
     _reject_unknown_keys(values, list(field_types), f"{section_name}.", path)
     kwargs = {}

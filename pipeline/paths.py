@@ -8,7 +8,7 @@ from pathlib import Path
 
 DATA_DIR = Path("data")
 
-# check: the same bytes for any valid params (see pipeline/check.py)
+# check: the same bytes for any valid params (see pipeline/stages/check.py)
 PARAMS_CHECKED_PATH = DATA_DIR / "check" / "params.json"
 
 # download
@@ -37,7 +37,7 @@ RUN_INFO_PATH = DATA_DIR / "train" / "run.json"
 METRICS_PATH = DATA_DIR / "evaluate" / "metrics.json"
 PROBS_PLOT_PATH = DATA_DIR / "evaluate" / "next_char_probs.png"
 
-# register: the served model's sampling defaults (the name pipeline.textgen gives the file)
+# register: the served model's sampling defaults (the name pipeline.lm.sampling gives the file)
 SAMPLING_DEFAULTS_PATH = DATA_DIR / "register" / "sampling_defaults.json"
 
 # sample

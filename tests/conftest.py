@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from pipeline.download import corpus_source, download_verified
 from pipeline.errors import PipelineError
 from pipeline.params import load_params
+from pipeline.stages.download import corpus_source, download_verified
 from testbed import (
     commit_all,
     copy_repo_with_store,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
-from pipeline.lecture import lecture_train_params
-from pipeline.model import BigramLanguageModel
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.training import exact_losses, resolve_device, train_minibatch, train_on_counts
 from pipeline.params import TrainParams
-from pipeline.training import exact_losses, resolve_device, train_minibatch, train_on_counts
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (`make gpu-check` on a GPU machine)"

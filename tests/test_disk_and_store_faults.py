@@ -113,7 +113,7 @@ def test_a_file_size_limit_during_download_is_a_full_disk_not_a_broken_transfer(
     repo, env = prepared_copy
     before = (repo / "data/raw/input.txt").read_bytes()
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.download"],
+        [sys.executable, "-m", "pipeline.stages.download"],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -143,7 +143,7 @@ def test_a_full_disk_inside_shutils_list_of_copy_errors_is_found(tmp_path):
     with full_file_system(tmp_path / "tmp", free_bytes=0) as full:
         with pytest.raises(shutil.Error) as raised:
             shutil.copytree(source, full / "model" / "code")
-        target = full / "model/code/pipeline/model.py"
+        target = full / "model/code/pipeline/lm/bigram.py"
 
         found = disk_full_cause(raised.value)
 
@@ -176,7 +176,7 @@ def test_a_file_size_limit_inside_shutils_list_of_copy_errors_is_found(tmp_path)
         preexec_fn=file_size_limit(1 << 16),
     )
     assert copied.returncode == 0, copied.stderr
-    assert copied.stdout.split() == [str(errno.EFBIG), str(tmp_path / "copy/pipeline/model.py")]
+    assert copied.stdout.split() == [str(errno.EFBIG), str(tmp_path / "copy/pipeline/lm/bigram.py")]
 
 
 # The MLflow store --------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_a_file_size_limit_inside_shutils_list_of_copy_errors_is_found(tmp_path)
 def run_with_file_modes(stage: str, repo: Path, env: dict):
     """Run a stage with the file modes enforced, as for any user (root bypasses them)."""
     return run(
-        [*without_permission_override(), sys.executable, "-m", f"pipeline.{stage}"],
+        [*without_permission_override(), sys.executable, "-m", f"pipeline.stages.{stage}"],
         repo,
         env,
         check=False,

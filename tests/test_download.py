@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import store
-from pipeline.download import (
+from pipeline.errors import PipelineError
+from pipeline.secrets import basic_auth_header
+from pipeline.stages.download import (
     BACKOFF_ENV,
     DEADLINE_ENV,
     MAX_BYTES_ENV,
@@ -36,8 +37,7 @@ from pipeline.download import (
     retry_delays,
     settings_from_env,
 )
-from pipeline.errors import PipelineError
-from pipeline.secrets import basic_auth_header
+from pipeline.tracking import store
 from testbed import (
     CORPUS_SHA256,
     assert_one_line_error,
@@ -386,7 +386,7 @@ def test_a_download_killed_mid_transfer_leaves_nothing_and_the_next_run_succeeds
     repo, env = download_repo
     raw = repo / "data/raw"
     stalled = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.download"],
+        [sys.executable, "-m", "pipeline.stages.download"],
         cwd=repo,
         env={**env, "BIGRAM_CORPUS_URL": f"{faulty_server.url}/stall/{SENT_BEFORE_STALL}"},
         stdout=subprocess.DEVNULL,

@@ -14,19 +14,19 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from pipeline import lecture
-from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
-from pipeline.data import get_batch, to_device_tokens
-from pipeline.lecture import lecture_train_params
-from pipeline.model import BigramLanguageModel
-from pipeline.params import TrainParams
-from pipeline.training import (
+from pipeline.lm import lecture
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.tokens import get_batch, to_device_tokens
+from pipeline.lm.training import (
     closed_form_step,
     eval_steps,
     lecture_step,
     train_minibatch,
     train_on_counts,
 )
+from pipeline.params import TrainParams
 from testbed import REPO_ROOT, write_committed_params
 
 VOCAB_SIZE = 65
@@ -77,7 +77,7 @@ def test_closed_form_gradient_equals_autograd():
 
 
 def test_train_minibatch_follows_the_lecture_loop():
-    """The lecture's loop (pipeline/lecture.py), fed the same random stream, ends with the
+    """The lecture's loop (pipeline/lm/lecture.py), fed the same random stream, ends with the
     same table: the gather, the one log-softmax and fused AdamW change speed, not the math."""
     tokens = random_tokens(20_000)
     config = lecture_train_params(max_iters=120, eval_interval=50, lr=1e-2)
@@ -212,7 +212,7 @@ def test_download_and_vocab_stages_never_import_torch(tmp_path: Path, corpus_url
     env.update(PYTHONPATH=str(REPO_ROOT), BIGRAM_CORPUS_URL=corpus_url)
     for stage in ("download", "vocab"):
         result = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", f"pipeline.{stage}"],
+            [sys.executable, "-X", "importtime", "-m", f"pipeline.stages.{stage}"],
             cwd=tmp_path,
             env=env,
             capture_output=True,

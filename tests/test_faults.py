@@ -22,9 +22,9 @@ from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
-from pipeline.model import BigramLanguageModel
+from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.secrets import masked
-from pipeline.vocab import count_characters
+from pipeline.stages.vocab import count_characters
 from testbed import (
     VENV_BIN,
     assert_one_line_error,
@@ -111,7 +111,9 @@ def test_the_train_stage_rejects_a_corpus_too_short_for_one_batch(prepared_copy)
 def test_sigterm_during_training_ends_the_run_killed_and_writes_no_model(prepared_copy):
     repo, env = prepared_copy
     update_params(repo, train=ENDLESS_TRAINING)
-    training = start_and_wait_for_training([sys.executable, "-m", "pipeline.train"], repo, env)
+    training = start_and_wait_for_training(
+        [sys.executable, "-m", "pipeline.stages.train"], repo, env
+    )
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(training.kill)
         training.send_signal(signal.SIGTERM)
@@ -216,18 +218,19 @@ def test_json_outputs_refuse_nan_and_infinity_and_keep_the_previous_file(tmp_pat
     assert files_in(tmp_path) == ["metrics.json"], "no temporary file left"
 
 
-# Runs the train stage as `python -m pipeline.train` does, with its address space capped
+# Runs the train stage as `python -m pipeline.stages.train` does, with its address space capped
 # (RLIMIT_AS) at what its modules take plus argv[1] bytes: past that, malloc fails, which the
 # CPU allocator reports as "DefaultCPUAllocator: can't allocate memory".
 MEMORY_CAPPED_TRAIN = """
 import resource, runpy, sys
-import pipeline.train
-sys.modules.pop("pipeline.train")  # Its imports stay loaded; runpy runs it afresh as __main__.
+import pipeline.stages.train
+# Its imports stay loaded; runpy runs it afresh as __main__.
+sys.modules.pop("pipeline.stages.train")
 with open("/proc/self/status") as status:
     size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
 resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[1]), resource.RLIM_INFINITY))
-sys.argv = ["pipeline.train"]
-runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)
+sys.argv = ["pipeline.stages.train"]
+runpy.run_module("pipeline.stages.train", run_name="__main__", alter_sys=True)
 """
 # Enough for the stage to start its run and train on small batches (it takes about 300 MB past
 # its imports), far from the 800 MB more a batch of 16,777,216 tokens takes.

@@ -10,11 +10,12 @@ import mlflow
 import pytest
 import torch
 
-from pipeline import generate, paths, serving, tracking
+from pipeline import generate, paths
 from pipeline.errors import PipelineError
-from pipeline.model import BigramLanguageModel
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.sampling import write_sampling_defaults
 from pipeline.params import load_params
-from pipeline.textgen import write_sampling_defaults
+from pipeline.tracking import registry, runs
 from testbed import REPO_ROOT
 from tests.support.models import CHARS
 
@@ -66,10 +67,10 @@ def test_every_form_of_a_logged_model_generates_the_same_text(workspace, capsys)
     params = load_params()
     model = BigramLanguageModel(len(CHARS))
     model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
-    with tracking.stage_run("train", params) as run:
+    with runs.stage_run("train", params) as run:
         defaults = write_sampling_defaults(params.sample, Path.cwd())
         metrics = {"train_loss": 3.0, "val_loss": 3.0}
-        serving.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
+        registry.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
     run_id = run.info.run_id
     local_dir = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/generator", dst_path="dl")
 

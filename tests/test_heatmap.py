@@ -21,8 +21,8 @@ from matplotlib import font_manager
 from matplotlib.ft2font import FT2Font
 from PIL import Image
 
-from pipeline import heatmap
-from pipeline.heatmap import (
+from pipeline.lm import heatmap
+from pipeline.lm.heatmap import (
     MAX_LABELLED,
     base_face,
     char_label,
@@ -173,7 +173,7 @@ PLOT_IN_A_PROCESS = """
 import sys
 from pathlib import Path
 import numpy as np
-from pipeline.heatmap import char_label, label_font, plot_next_char_probs
+from pipeline.lm.heatmap import char_label, label_font, plot_next_char_probs
 if sys.argv[2] != "-":
     chars = sorted(set(Path(sys.argv[1]).read_text(encoding="utf-8")))
     rng = np.random.default_rng(0)

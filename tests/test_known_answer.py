@@ -7,10 +7,10 @@ import pytest
 import torch
 from tqdm import tqdm
 
-from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
-from pipeline.lecture import lecture_train_params
-from pipeline.model import BigramLanguageModel
-from pipeline.training import train_minibatch, train_on_counts
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.training import train_minibatch, train_on_counts
 from tests.support.markov import entropy_rate, sample_chain
 
 V = 8

@@ -16,12 +16,14 @@ import time
 import pytest
 import torch
 
-from pipeline import generate, store, textgen
-from pipeline.download import MAX_BYTES_ENV, bytes_from_env, download_verified
+from pipeline import generate
 from pipeline.errors import PipelineError
-from pipeline.model import BigramLanguageModel
+from pipeline.lm import sampling
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.sampling import TextGenerator
 from pipeline.params import MIN_TEMPERATURE, load_params
-from pipeline.textgen import TextGenerator
+from pipeline.stages.download import MAX_BYTES_ENV, bytes_from_env, download_verified
+from pipeline.tracking import store
 from testbed import (
     CORPUS_SHA256,
     REPO_ROOT,
@@ -199,10 +201,12 @@ def test_the_served_model_checks_every_field_and_bounds_the_whole_request(
         status, body = post(*[{"prompt": "A", "chars": 100}] * 5)
         assert status == 200 and len(json.loads(body)["predictions"]) == 5
 
-        # Rows are bounded too (pipeline.textgen.MAX_REQUEST_ROWS): refused before any is read.
+        # Rows are bounded too (pipeline.lm.sampling.MAX_REQUEST_ROWS): refused before any is read.
         started = time.perf_counter()
-        status, body = post(*[{"prompt": "A", "chars": 0}] * (textgen.MAX_REQUEST_ROWS + 1))
-        assert status == 400 and "pipeline.textgen.MAX_REQUEST_ROWS" in json.loads(body)["message"]
+        status, body = post(*[{"prompt": "A", "chars": 0}] * (sampling.MAX_REQUEST_ROWS + 1))
+        assert (
+            status == 400 and "pipeline.lm.sampling.MAX_REQUEST_ROWS" in json.loads(body)["message"]
+        )
         assert time.perf_counter() - started < 5
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from pipeline.reproducibility import DEPS_TAG
-from pipeline.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from pipeline.tracking.rebuild import DEPS_TAG
+from pipeline.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 from testbed import mlflow_runs, run, run_stage, update_params
 from tests.support.store import client_for, recorded_deps
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
-from pipeline.data import get_batch
-from pipeline.model import BigramLanguageModel
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.counts import bigram_counts, bigram_loss_from_counts, conditional_entropy
+from pipeline.lm.tokens import get_batch
 
 V = 65
 

@@ -25,8 +25,9 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
-from pipeline import generate, paths, textgen
+from pipeline import generate, paths
 from pipeline.errors import PipelineError
+from pipeline.lm import sampling
 from testbed import REPO_ROOT, assert_one_line_error, update_params
 from tests.support.models import CHARS, log_generator, model_temp_dirs
 
@@ -96,11 +97,11 @@ def test_a_crafted_pickle_in_a_logged_pytorch_model_is_refused_without_running_i
 
 def test_a_logged_generator_runs_none_of_its_code_or_pickles(workspace):
     """The pyfunc generator is rebuilt from its weights, vocabulary and defaults: its
-    generator_model.py and code/ are never run, and its weights are read as tensors only."""
+    served_model_entry.py and code/ are never run, and its weights are read as tensors only."""
     marker = workspace / "code-ran"
     run_id = log_generator(workspace)
     model_dir = downloaded(run_id, "generator", workspace / "copy")
-    for code in [model_dir / "generator_model.py", *model_dir.glob("code/pipeline/*.py")]:
+    for code in [model_dir / "served_model_entry.py", *model_dir.glob("code/pipeline/*.py")]:
         code.write_text(f"open({str(marker)!r}, 'w')\n")
     assert_loads(model_dir)
     assert not marker.exists()
@@ -214,11 +215,11 @@ def test_the_rows_and_prompts_of_a_request_are_bounded_and_answered_in_seconds(w
         predict(100_000)
     assert str(raised.value).splitlines() == [
         "100,000 rows in one request, above the limit of 1,000 rows "
-        "(pipeline.textgen.MAX_REQUEST_ROWS); split the request"
+        "(pipeline.lm.sampling.MAX_REQUEST_ROWS); split the request"
     ]
-    with pytest.raises(MlflowException, match=r"pipeline.textgen.MAX_PROMPT_CHARS"):
-        predict(2, prompt="A" * (textgen.MAX_PROMPT_CHARS // 2 + 1))
+    with pytest.raises(MlflowException, match=r"pipeline.lm.sampling.MAX_PROMPT_CHARS"):
+        predict(2, prompt="A" * (sampling.MAX_PROMPT_CHARS // 2 + 1))
 
-    texts, took_s = predict(textgen.MAX_REQUEST_ROWS)
-    assert len(texts) == textgen.MAX_REQUEST_ROWS and {len(text) for text in texts} == {11}
+    texts, took_s = predict(sampling.MAX_REQUEST_ROWS)
+    assert len(texts) == sampling.MAX_REQUEST_ROWS and {len(text) for text in texts} == {11}
     assert took_s < 30, f"{took_s:.1f} s for a request within the limits"

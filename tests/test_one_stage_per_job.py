@@ -71,7 +71,7 @@ def test_a_retraining_to_the_same_weights_gets_evaluates_metrics(trained_experim
     metrics.json, and the summary names the version that serves these weights."""
     repo = copy_repo_with_store(trained_experiment[0], tmp_path / "repo")
     env = trained_experiment[1]
-    training_py = repo / "pipeline/training.py"
+    training_py = repo / "pipeline/lm/training.py"
     training_py.write_text(training_py.read_text() + "\n# a comment changes no result\n")
 
     result = run(["dvc", "repro"], repo, env)

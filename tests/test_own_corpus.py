@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline.heatmap import MAX_LABELLED
+from pipeline.lm.heatmap import MAX_LABELLED
 from testbed import (
     assert_one_line_error,
     commit_all,

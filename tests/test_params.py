@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.lecture import lecture_train_params
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.training import resolve_device
 from pipeline.params import check_block_size, load_params
-from pipeline.training import resolve_device
 from testbed import (
     assert_one_line_error,
     run,

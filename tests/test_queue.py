@@ -81,11 +81,11 @@ WORKER = """
 import sys, time
 from pathlib import Path
 import mlflow, torch
-from pipeline import serving, tracking
+from pipeline.tracking import registry, runs
 from pipeline.files import write_json
-from pipeline.model import BigramLanguageModel
+from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.params import load_params
-from pipeline.textgen import write_sampling_defaults
+from pipeline.lm.sampling import write_sampling_defaults
 
 work, worker = Path(sys.argv[1]), sys.argv[2]
 params = load_params(work / "params.yaml")
@@ -97,14 +97,14 @@ defaults = write_sampling_defaults(params.sample, work / f"defaults-{worker}")
 (work / f"ready-{worker}").touch()
 while not (work / "go").exists():
     time.sleep(0.01)
-with tracking.stage_run("train", params, run_name=f"worker-{worker}") as active:
+with runs.stage_run("train", params, run_name=f"worker-{worker}") as active:
     mlflow.log_metric("worker", int(worker))
-    code = [str(Path(serving.__file__).parent)]
-    info = serving.log_text_generator(weights, vocab, defaults, 0, code)
-    serving.register_version(info.model_id, params, active.info.run_id, {"val_loss": 1.0}, {})
+    code = [str(Path(registry.__file__).parents[1])]  # the pipeline package
+    info = registry.log_text_generator(weights, vocab, defaults, 0, code)
+    registry.register_version(info.model_id, params, active.info.run_id, {"val_loss": 1.0}, {})
 # Later stages reopen the store in a process that has used it, as evaluate does.
 for step in range(3):
-    with tracking.model_run("evaluate", params, active.info.run_id, {}):
+    with runs.model_run("evaluate", params, active.info.run_id, {}):
         mlflow.log_metric("evaluated", step, step=step)
 """
 
@@ -167,7 +167,7 @@ def test_sqlite_store_waits_for_a_writer_instead_of_failing(tmp_path, monkeypatc
     transaction waits for it rather than failing with "database is locked"."""
     from mlflow.store.db.utils import create_sqlalchemy_engine
 
-    from pipeline import store
+    from pipeline.tracking import store
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -202,7 +202,7 @@ def test_opening_the_store_again_keeps_this_process_hold_on_it(tmp_path, monkeyp
     """evaluate and sample connect twice. The second time must not drop the process's SQLite
     locks: another process closing the store would then delete the WAL under this one, which
     parallel experiments met as "disk I/O error"."""
-    from pipeline import store
+    from pipeline.tracking import store
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -1,8 +1,8 @@
 """A stage is quiet about MLflow (issue 17): no MLflow warning, INFO line or progress bar in a
 normal run's output, and MLflow's usage telemetry off unless the user turns it on.
 
-The train and register stages run for real (`python -m pipeline.train`, as DVC runs them) with
-PROBE as the process's sitecustomize: Python loads it at start-up, before the stage, and it
+The train and register stages run for real (`python -m pipeline.stages.train`, as DVC runs them)
+with PROBE as the process's sitecustomize: Python loads it at start-up, before the stage, and it
 reports MLflow's
 switches as the environment held them when the stage imported mlflow, which is when MLflow
 reads them (MLflow decides then whether to make its telemetry client), and at exit.

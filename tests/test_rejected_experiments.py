@@ -1,5 +1,5 @@
-"""A rejected experiment changes nothing: the check stage (pipeline/check.py) refuses a bad param
-before DVC removes any stage's outputs, whichever stage reads it."""
+"""A rejected experiment changes nothing: the check stage (pipeline/stages/check.py) refuses a bad
+param before DVC removes any stage's outputs, whichever stage reads it."""
 
 from __future__ import annotations
 

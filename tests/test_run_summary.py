@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import runrecord, store
+from pipeline.tracking import run_record, store
 from testbed import copy_trained_repo, last_stage_lines, mlflow_runs, run, run_stage
 
 MODEL_NAME = "bigram-shakespeare"
@@ -71,11 +71,11 @@ def test_a_workspace_without_registered_json_looks_the_version_up(experiment):
     """As after an upgrade from a pipeline that wrote only run.json: the registry is asked."""
     repo, env, _ = experiment
     summary = expected_summary(repo)
-    (repo / runrecord.REGISTRATION_PATH).unlink()
+    (repo / run_record.REGISTRATION_PATH).unlink()
     result = run_stage("link", repo, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == summary
-    assert (repo / runrecord.REGISTRATION_PATH).is_file()
+    assert (repo / run_record.REGISTRATION_PATH).is_file()
 
 
 def test_no_summary_when_no_run_holds_the_model(trained_repo, tmp_path):

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline.params import TrainParams
-from pipeline.reproducibility import DEPS_TAG
+from pipeline.tracking.rebuild import DEPS_TAG
 from testbed import commit_all, copy_trained_repo, run, run_stage, update_params
 from tests.support.store import client_for, recorded_deps
 

@@ -1,7 +1,7 @@
 """How a stage runs: no command-line arguments (--help says what a stage does, a flag is
 refused), and it ends with the pipeline that runs it, and with one line on any stop signal.
 
-Before, `python -m pipeline.train --help` trained and registered a model, and a stage whose
+Before, `python -m pipeline.stages.train --help` trained and registered a model, and a stage whose
 `dvc` was killed trained on as an orphan.
 """
 
@@ -29,7 +29,7 @@ def run_stage(stage: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
     return subprocess.run(
-        [sys.executable, "-m", f"pipeline.{stage}", *args],
+        [sys.executable, "-m", f"pipeline.stages.{stage}", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -51,8 +51,8 @@ def test_an_unknown_flag_is_a_usage_error_not_a_run(tmp_path: Path):
     result = run_stage("train", "--lr", "3e-3", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "usage: python -m pipeline.train [-h]",
-        "python -m pipeline.train: error: unrecognized arguments: --lr 3e-3",
+        "usage: python -m pipeline.stages.train [-h]",
+        "python -m pipeline.stages.train: error: unrecognized arguments: --lr 3e-3",
     ]
     assert not any(tmp_path.iterdir()), "the stage wrote files"
 
@@ -69,7 +69,7 @@ def stage_processes(repo: Path, stage: str) -> list[int]:
             cwd = (proc / "cwd").resolve()
         except OSError:
             continue  # Gone meanwhile, or not ours to read.
-        if f"pipeline.{stage}".encode() in argv and cwd == repo.resolve():
+        if f"pipeline.stages.{stage}".encode() in argv and cwd == repo.resolve():
             found.append(int(proc.name))
     return found
 
@@ -138,7 +138,7 @@ def test_a_signal_while_a_stage_loads_its_modules_is_one_line(tmp_path, signum):
     without a word. The train stage imports MLflow, then torch, before its own modules."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     stage = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.train"],
+        [sys.executable, "-m", "pipeline.stages.train"],
         cwd=tmp_path,
         env={**env, "PYTHONPATH": str(REPO_ROOT)},
         stderr=subprocess.PIPE,

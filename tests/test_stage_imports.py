@@ -13,7 +13,7 @@ exit, to a JSON file:
 - direct: the imports that pipeline code itself executes (a wrapper around builtins.__import__,
   which every import statement calls, also for a module that is already loaded).
 - chains: for each heavy module, the modules on the stack when it was first loaded, which the
-  failure message shows (e.g. "torch (pipeline.data <- pipeline.generate)").
+  failure message shows (e.g. "torch (pipeline.lm.tokens <- pipeline.generate)").
 
 Why not `-X importtime` on stderr: it prints only what the import statement machinery loads, so
 a module loaded with importlib.import_module (as MLflow loads flavours and lazy modules) is
@@ -102,15 +102,21 @@ STAGES = (
     "link",
     "generate",
 )
-TRAINING = "pipeline.training"  # The training loops: the train stage's alone.
-HEATMAP = "pipeline.heatmap"  # matplotlib: the evaluate stage's alone.
-SERVING = "pipeline.serving"  # The pyfunc generator (pandas, mlflow.pyfunc): logged by
-# register, loaded by generate from an MLflow model.
+TRAINING = "pipeline.lm.training"  # The training loops: the train stage's alone.
+HEATMAP = "pipeline.lm.heatmap"  # matplotlib: the evaluate stage's alone.
+# The pyfunc generator (pandas, mlflow.pyfunc): logged by register, loaded by generate from an
+# MLflow model.
+SERVING = "pipeline.tracking.served_model"
 
 
 def other_stages(stage: str) -> frozenset[str]:
     """No stage imports another: each is a module of its own for DVC to run."""
-    return frozenset(f"pipeline.{other}" for other in STAGES if other != stage)
+    return frozenset(module_of(other) for other in STAGES if other != stage)
+
+
+def module_of(name: str) -> str:
+    """The module `python -m` runs for a stage, or for the generate command."""
+    return "pipeline.generate" if name == "generate" else f"pipeline.stages.{name}"
 
 
 # `python -c BOOTSTRAP RECORDER ...` runs RECORDER in a namespace of its own: the module runs in
@@ -277,7 +283,7 @@ def run_record_names_the_model(repo: Path) -> None:
 RUNS = (
     Run(
         "check",
-        "pipeline.check",
+        "pipeline.stages.check",
         # Reads params.yaml and the vocab stage's manifest: nothing heavy, no MLflow run.
         uses=frozenset(),
         must_not_load=other_stages("check") | {TRAINING, HEATMAP, SERVING},
@@ -286,7 +292,7 @@ RUNS = (
     ),
     Run(
         "download",
-        "pipeline.download",
+        "pipeline.stages.download",
         # Fetches a file and logs the run: no tensors, no arrays, no plots.
         uses=frozenset({"mlflow"}),
         must_not_load=other_stages("download") | {TRAINING, HEATMAP, SERVING},
@@ -294,7 +300,7 @@ RUNS = (
     ),
     Run(
         "vocab",
-        "pipeline.vocab",
+        "pipeline.stages.vocab",
         # Counts characters and writes the token arrays with numpy: no torch.
         uses=frozenset({"mlflow", "numpy"}),
         must_not_load=other_stages("vocab") | {TRAINING, HEATMAP, SERVING},
@@ -307,7 +313,7 @@ RUNS = (
     ),
     Run(
         "train",
-        "pipeline.train",
+        "pipeline.stages.train",
         # Trains (torch, tqdm's progress bar), writes the loss curve (pandas), links its datasets
         # (mlflow.data). No plot, and no model logged: that is register's job.
         uses=frozenset({"torch", "numpy", "pandas", "tqdm", "mlflow", "mlflow.data"}),
@@ -316,7 +322,7 @@ RUNS = (
     ),
     Run(
         "evaluate",
-        "pipeline.evaluate",
+        "pipeline.stages.evaluate",
         # Exact losses (torch), the heatmap (matplotlib, fed numpy arrays), metrics into MLflow.
         uses=frozenset({"torch", "numpy", "matplotlib", "mlflow"}),
         must_not_load=other_stages("evaluate") | {TRAINING, SERVING},
@@ -324,7 +330,7 @@ RUNS = (
     ),
     Run(
         "register",
-        "pipeline.register",
+        "pipeline.stages.register",
         # Logs the PyTorch model (torch) and the pyfunc generator, whose input example is a
         # DataFrame (pandas), and registers it. No training loop, no plot.
         uses=frozenset({"torch", "numpy", "pandas", "mlflow", "mlflow.pytorch", "mlflow.pyfunc"}),
@@ -333,7 +339,7 @@ RUNS = (
     ),
     Run(
         "sample",
-        "pipeline.sample",
+        "pipeline.stages.sample",
         # Generates with the model (torch; numpy comes with it) and logs the text into MLflow.
         uses=frozenset({"torch", "numpy", "mlflow"}),
         must_not_load=other_stages("sample") | {TRAINING, HEATMAP, SERVING},
@@ -341,7 +347,7 @@ RUNS = (
     ),
     Run(
         "link",
-        "pipeline.link",
+        "pipeline.stages.link",
         # The fast path of every no-op `dvc repro`: run.json already names this model and no run
         # is left RUNNING, so it reads the SQLite store with sqlite3 and imports nothing heavy.
         uses=frozenset(),
@@ -350,7 +356,7 @@ RUNS = (
     ),
     Run(
         "link-without-run-record",
-        "pipeline.link",
+        "pipeline.stages.link",
         # After DVC restores a model from its run-cache: it looks the run up through MLflow.
         uses=frozenset({"mlflow"}),
         must_not_load=other_stages("link") | {TRAINING, HEATMAP, SERVING},
@@ -380,8 +386,8 @@ RUNS = (
         "generate-registered-model",
         "pipeline.generate",
         # The registered pyfunc generator, fetched from the store: MLflow's pyfunc loader (which
-        # needs pandas), the model class in pipeline.serving, torch for the weights. Not
-        # mlflow.pytorch: that loader is for the other flavour, runs:/<run id>/model.
+        # needs pandas), the model class in pipeline.tracking.served_model, torch for the weights.
+        # Not mlflow.pytorch: that loader is for the other flavour, runs:/<run id>/model.
         uses=frozenset({"torch", "numpy", "pandas", "mlflow", "mlflow.pyfunc"}),
         must_not_load=other_stages("generate") | {TRAINING, HEATMAP},
         args=("--model", "models:/bigram-shakespeare@champion", "--prompt", "ROMEO:"),
@@ -478,7 +484,7 @@ def test_every_runnable_module_runs_through_the_stage_entry_point():
     package = Path(__file__).resolve().parent.parent / "pipeline"
     runnable = {
         path.stem: path.read_text(encoding="utf-8")
-        for path in package.glob("*.py")
+        for path in package.rglob("*.py")
         if 'if __name__ == "__main__":' in path.read_text(encoding="utf-8")
     }
     assert set(runnable) == set(STAGES)

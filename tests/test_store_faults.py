@@ -28,8 +28,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import store, tracking
 from pipeline.errors import PipelineError, disk_full_cause
+from pipeline.tracking import processes, runs, store
 from testbed import REPO_ROOT
 from tests.support.faults import FILLER, full_file_system
 
@@ -221,11 +221,11 @@ STAGE_LIKE_RUN = textwrap.dedent(
     import os, signal, sys, time
     from pathlib import Path
     import mlflow
-    from pipeline import store
+    from pipeline.tracking import processes
 
     uri, experiment_id, then = sys.argv[1:4]
     mlflow.set_tracking_uri(uri)
-    run = mlflow.start_run(experiment_id=experiment_id, tags=store.process_tags())
+    run = mlflow.start_run(experiment_id=experiment_id, tags=processes.process_tags())
     if then == "sigkill-while-logging-a-model":
         mlflow.initialize_logged_model(name="model", source_run_id=run.info.run_id)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -259,9 +259,9 @@ def test_a_stage_killed_while_logging_a_model_leaves_no_model_pending(sqlite_sto
     client = MlflowClient()
     [model] = client.search_logged_models([experiment_id])
     assert model.status.name == "PENDING"
-    assert store.abandoned_runs_in_sqlite(path) is True  # What the link stage reads.
+    assert processes.abandoned_runs_in_sqlite(path) is True  # What the link stage reads.
 
-    tracking.end_runs_of_dead_processes(experiment_id)
+    runs.end_runs_of_dead_processes(experiment_id)
 
     [run] = client.search_runs([experiment_id])
     assert run.info.status == "KILLED"
@@ -324,8 +324,8 @@ def test_a_live_run_of_another_pid_namespace_is_left_running(sqlite_store, tmp_p
         assert not Path(f"/proc/{pid_there}").exists()
 
         # Before, host name and pid matched a process that has gone here: the run was KILLED.
-        assert store.abandoned_runs_in_sqlite(path) is False
-        tracking.end_runs_of_dead_processes(experiment_id)
+        assert processes.abandoned_runs_in_sqlite(path) is False
+        runs.end_runs_of_dead_processes(experiment_id)
         [run] = MlflowClient().search_runs([experiment_id])
         assert run.info.status == "RUNNING"
     finally:

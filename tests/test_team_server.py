@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import store, tracking
 from pipeline.errors import PipelineError
 from pipeline.secrets import masked
+from pipeline.tracking import lineage, store
 from testbed import VENV_BIN, copy_trained_repo, free_port, run
 from tests.support.experiments import (
     check_experiments_in_store,
@@ -307,7 +307,7 @@ def test_runs_starting_together_each_link_the_same_new_dataset(tmp_path, monkeyp
 
             def link(run_id: str, dataset=dataset, start=start) -> None:
                 start.wait()
-                tracking.log_datasets(run_id, {"training": dataset})
+                lineage.log_datasets(run_id, {"training": dataset})
 
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(link, run_ids))

@@ -21,9 +21,10 @@ import torch
 from mlflow import MlflowClient
 from ruamel.yaml import YAML
 
-from pipeline import paths, runrecord, serving
+from pipeline import paths
 from pipeline.files import write_json
-from pipeline.model import BigramLanguageModel, save_model
+from pipeline.lm.bigram import BigramLanguageModel, save_model
+from pipeline.tracking import registry, run_record
 from testbed import (
     REPO_ROOT,
     commit_all,
@@ -57,9 +58,15 @@ def runs_of(repo: Path, stage: str) -> list:
 # Complete deps -------------------------------------------------------------------------------
 
 
+def module_file(module: str) -> Path:
+    """The file of a pipeline module: pipeline/lm/bigram.py, or a package's __init__.py."""
+    path = REPO_ROOT / Path(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
 def pipeline_imports(module: str) -> set[str]:
     """The pipeline modules one module imports anywhere in it (in functions too)."""
-    tree = ast.parse((REPO_ROOT / Path(*module.split("."))).with_suffix(".py").read_text())
+    tree = ast.parse(module_file(module).read_text())
     named: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -67,21 +74,20 @@ def pipeline_imports(module: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module:
             named.add(node.module)
             named |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return {
-        name
-        for name in named
-        if name.startswith("pipeline.")
-        and (REPO_ROOT / Path(*name.split("."))).with_suffix(".py").is_file()
-    }
+    return {name for name in named if name.startswith("pipeline.") and module_file(name).is_file()}
 
 
 def import_closure(module: str) -> set[str]:
+    """The module, what it imports, directly or not, and the sub-packages above each of them,
+    whose __init__.py Python runs first (pipeline.tracking for pipeline.tracking.runs)."""
     seen, todo = set(), [module]
     while todo:
         current = todo.pop()
         if current not in seen:
             seen.add(current)
             todo.extend(pipeline_imports(current))
+            parts = current.split(".")
+            todo.extend(".".join(parts[:depth]) for depth in range(2, len(parts)))
     return seen
 
 
@@ -93,11 +99,12 @@ def test_each_stage_declares_exactly_the_modules_it_imports():
     # The package's __init__ runs first in every stage process, with what it imports.
     package_init = import_closure("pipeline.__init__") - {"pipeline.__init__"}
     for stage, spec in stages.items():
-        modules = import_closure(f"pipeline.{stage}") | package_init
+        modules = import_closure(f"pipeline.stages.{stage}") | package_init
         if stage == "register":
-            # The registered pyfunc is built from this file, which serving names by path.
-            modules |= import_closure("pipeline.generator_model")
-        expected = {"pipeline/__init__.py"} | {m.replace(".", "/") + ".py" for m in modules}
+            # The registered pyfunc is built from this file, which registry names by path.
+            modules |= import_closure("pipeline.tracking.served_model_entry")
+        files = {module_file(module).relative_to(REPO_ROOT).as_posix() for module in modules}
+        expected = {"pipeline/__init__.py"} | files
         declared = {dep for dep in spec["deps"] if dep.startswith("pipeline/")}
         assert declared == expected, stage
 
@@ -132,7 +139,7 @@ def load_params(*args, **kwargs):
 p.load_params = load_params
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(read))))
 sys.argv = [stage]
-runpy.run_module(f"pipeline.{stage}", run_name="__main__")
+runpy.run_module(f"pipeline.stages.{stage}", run_name="__main__")
 """
 
 
@@ -173,14 +180,14 @@ def test_editing_code_or_a_sample_param_reruns_exactly_the_affected_stages(train
     repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
     assert changed_stages(repo, env) == set()
 
-    model_py = repo / "pipeline/model.py"
+    model_py = repo / "pipeline/lm/bigram.py"
     original = model_py.read_text()
     model_py.write_text(original + "\n# an edit\n")
     assert changed_stages(repo, env) == {"train", "evaluate", "register", "sample"}
     model_py.write_text(original)
 
     # The serving code: a new version of the same weights, no training.
-    serving_py = repo / "pipeline/serving.py"
+    serving_py = repo / "pipeline/tracking/registry.py"
     serving_original = serving_py.read_text()
     serving_py.write_text(serving_original + "\n# an edit\n")
     assert changed_stages(repo, env) == {"register"}
@@ -411,15 +418,15 @@ def test_run_json_holds_the_run_id_alone_and_the_model_sha256_counts_for_its_run
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     paths.RUN_INFO_PATH.parent.mkdir(parents=True)
     trained, other = "a" * 32, "b" * 32
-    runrecord.write_run_record(trained, "f" * 64)
+    run_record.write_run_record(trained, "f" * 64)
     assert json.loads(paths.RUN_INFO_PATH.read_text()) == {"mlflow_run_id": trained}
-    assert runrecord.recorded_run() == (trained, "f" * 64)
+    assert run_record.recorded_run() == (trained, "f" * 64)
     # As after `dvc exp apply` of another experiment, whose commit holds its own run.json: the
     # sha256 is unknown, so the link stage looks the run of the model up.
     write_json(paths.RUN_INFO_PATH, {"mlflow_run_id": other})
-    assert runrecord.recorded_run() == (other, None)
+    assert run_record.recorded_run() == (other, None)
     paths.RUN_INFO_PATH.unlink()
-    assert runrecord.recorded_run() == (None, None)
+    assert run_record.recorded_run() == (None, None)
 
 
 def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets(trained_repo):
@@ -459,7 +466,7 @@ def test_champion_moves_only_to_a_version_with_a_lower_val_loss(tmp_path):
         run_id = client.create_run(experiment_id).info.run_id
         client.log_metric(run_id, "val_loss", val_loss)
         version = str(client.create_model_version(MODEL_NAME, "file:///nowhere", run_id).version)
-        serving.set_aliases(client, MODEL_NAME, version, val_loss)
+        registry.set_aliases(client, MODEL_NAME, version, val_loss)
         assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == version
         champions.append(str(client.get_model_version_by_alias(MODEL_NAME, "champion").version))
     assert champions == ["1", "1", "3", "3"]
@@ -492,7 +499,9 @@ def test_evaluate_and_sample_log_into_child_runs_and_fail_on_their_own(prepared_
 def test_sighup_during_training_is_handled_like_sigterm(prepared_copy):
     repo, env = prepared_copy
     update_params(repo, train=ENDLESS_TRAINING)
-    training = start_and_wait_for_training([sys.executable, "-m", "pipeline.train"], repo, env)
+    training = start_and_wait_for_training(
+        [sys.executable, "-m", "pipeline.stages.train"], repo, env
+    )
     try:
         training.send_signal(signal.SIGHUP)
         _, stderr = training.communicate(timeout=60)
@@ -535,7 +544,7 @@ def test_the_link_stage_of_a_no_op_repro_is_cheap(trained_repo):
     timings = []
     for _ in range(3):
         started = time.perf_counter()
-        result = run([sys.executable, "-X", "importtime", "-m", "pipeline.link"], repo, env)
+        result = run([sys.executable, "-X", "importtime", "-m", "pipeline.stages.link"], repo, env)
         timings.append(time.perf_counter() - started)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
     assert "mlflow" not in imported and "torch" not in imported

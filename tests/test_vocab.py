@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.vocab import count_characters, encode_split, token_dtype
+from pipeline.stages.vocab import count_characters, encode_split, token_dtype
 
 TEXT = "First Citizen:\nBefore we proceed — any further, hear me speak. Café ☕ naïve!\n" * 40
 

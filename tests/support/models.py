@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import paths, serving, textgen, tracking
+from pipeline import paths
 from pipeline.files import write_json
-from pipeline.model import BigramLanguageModel
+from pipeline.lm import sampling
+from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.params import load_params
+from pipeline.tracking import registry, runs
 from testbed import update_params, write_committed_params
 
 CHARS = list("\n !',.:;?ABCDEIJLMNORTUaehilmnorstuy")
@@ -38,10 +40,10 @@ def log_generator(workspace: Path) -> str:
     params = load_params()
     model = BigramLanguageModel(len(CHARS))
     model.load_state_dict(torch.load(paths.MODEL_PATH, weights_only=True))
-    with tracking.stage_run("train", params) as run:
-        defaults = textgen.write_sampling_defaults(params.sample, Path.cwd())
+    with runs.stage_run("train", params) as run:
+        defaults = sampling.write_sampling_defaults(params.sample, Path.cwd())
         metrics = {"train_loss": 3.0, "val_loss": 3.0}
-        serving.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
+        registry.log_and_register(model, defaults, params, run.info.run_id, metrics, 0, {})
     return run.info.run_id
 
 

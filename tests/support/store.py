@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from pipeline.reproducibility import DEPS_ARTIFACT
+from pipeline.tracking.rebuild import DEPS_ARTIFACT
 from testbed import mlflow_runs
 
 

@@ -14,7 +14,7 @@ workspace's model.
 
 data/register/sampling_defaults.json, the defaults the served model carries, is the stage's DVC
 output: the same bytes for the same ``sample`` params. The version and its aliases are not (the
-registry numbers versions), so they go to data/train/registered.json (pipeline/runrecord.py),
+registry numbers versions), so they go to data/train/registered.json (pipeline/run_record.py),
 which the link stage's summary prints.
 """
 
@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import mlflow
 
-from pipeline import runrecord, serving, tracking
 from pipeline.cli import stage_entry_point
-from pipeline.data import load_vocab
 from pipeline.files import file_sha256, outputs_removed_on_failure, read_json
-from pipeline.model import load_model
+from pipeline.lm.bigram import load_model
+from pipeline.lm.sampling import write_sampling_defaults
+from pipeline.lm.tokens import load_vocab
 from pipeline.params import load_params
 from pipeline.paths import METRICS_PATH, MODEL_PATH, SAMPLING_DEFAULTS_PATH, VOCAB_PATH
-from pipeline.textgen import write_sampling_defaults
+from pipeline.tracking import lineage, registry, run_record, runs
 
 # What the version's tags and description, and the champion alias, take from metrics.json.
 LOSSES = {"train_loss": float, "val_loss": float}
@@ -42,29 +42,29 @@ def main() -> None:
     metrics = read_json(METRICS_PATH, LOSSES)
     losses = {name: metrics[name] for name in LOSSES}
     model_sha256 = file_sha256(MODEL_PATH)
-    training_run = tracking.training_run_id(params, model_sha256)
+    training_run = lineage.training_run_id(params, model_sha256)
     # The step of the training's final losses: metrics logged there are linked to the models.
-    step = tracking.last_step(training_run, "val_loss")
+    step = lineage.last_step(training_run, "val_loss")
 
     with (
-        tracking.model_run("register", params, training_run, params.flat("sample")) as run,
+        runs.model_run("register", params, training_run, params.flat("sample")) as run,
         outputs_removed_on_failure(SAMPLING_DEFAULTS_PATH),
     ):
         # MLflow links these to the models it logs next; the losses follow with their datasets.
         mlflow.log_metrics({k: v for k, v in metrics.items() if k not in LOSSES}, step=step)
         SAMPLING_DEFAULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
         write_sampling_defaults(params.sample, SAMPLING_DEFAULTS_PATH.parent)
-        # The link stage finds a version by these (pipeline/link.py).
+        # The link stage finds a version by these (pipeline/stages/link.py).
         version_tags = {
-            tracking.TRAINING_RUN_TAG: training_run,
-            tracking.MODEL_TAG: model_sha256,
-            tracking.SAMPLING_DEFAULTS_TAG: file_sha256(SAMPLING_DEFAULTS_PATH),
+            lineage.TRAINING_RUN_TAG: training_run,
+            lineage.MODEL_TAG: model_sha256,
+            lineage.SAMPLING_DEFAULTS_TAG: file_sha256(SAMPLING_DEFAULTS_PATH),
         }
-        model_ids, registration = serving.log_and_register(
+        model_ids, registration = registry.log_and_register(
             model, SAMPLING_DEFAULTS_PATH, params, training_run, losses, step, version_tags
         )
-        tracking.log_model_losses(training_run, losses, step, model_ids)
-    runrecord.write_registration(
+        lineage.log_model_losses(training_run, losses, step, model_ids)
+    run_record.write_registration(
         training_run,
         run.info.experiment_id,
         registration.model_name,

@@ -1,4 +1,4 @@
-"""Where the MLflow store is, and opening it safely: the plumbing under pipeline.tracking.
+"""Where the MLflow store is, and opening it safely: the plumbing under the other tracking modules.
 
 With no configuration, runs go to the SQLite store ``mlflow.db`` at the repository root, the
 file `mlflow ui` opens by default when started there. ``MLFLOW_TRACKING_URI`` points elsewhere
@@ -30,7 +30,6 @@ import errno
 import http.client
 import os
 import posixpath
-import socket
 import sqlite3
 import urllib.error
 import urllib.parse
@@ -39,36 +38,50 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import PipelineError
-from pipeline.files import process_is_alive
 from pipeline.secrets import basic_auth_header, masked, open_url, split_credentials
 
 if TYPE_CHECKING:
     import ssl
 
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+
+
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
+
+
 STORE_FILE = "mlflow.db"
+
+
 ARTIFACTS_DIR = "mlartifacts"
+
+
 # Queued experiments write to one SQLite file from several processes: wait for the lock
 # instead of failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
+
+
 # Long enough for a busy server's first API answer (the basic-auth app checks a password hash on
 # a loaded 2-core machine in seconds), short beside MLflow's own minutes of retries.
 SERVER_PROBE_TIMEOUT_S = 20
+
+
 # A real API call: a server's /health may answer while its backend store cannot serve.
 SERVER_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
 DATABASE_CONNECT_TIMEOUT_S = 5
+
+
 # Database stores MLflow opens through SQLAlchemy; the first two take libpq's and PyMySQL's
 # `connect_timeout`.
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+
+
 TIMEOUT_SCHEMES = ("postgresql", "mysql")
-# Which process runs a run, so that a later stage can end the runs of stages that were killed.
-HOST_TAG = "pipeline.host"
-PID_TAG = "pipeline.pid"
-# Where that pid means something: the boot, the pid namespace and the process's start time
-# (see run_process_has_gone).
-PROCESS_TAG = "pipeline.process"
 
 
 def repo_root() -> Path:
@@ -142,6 +155,7 @@ def repo_artifacts_uri() -> str:
 
 # Where `mlflow ui` serves by default.
 LOCAL_UI_URL = "http://127.0.0.1:5000"
+
 
 # The query that makes MLflow's UI lay a page out for model training. MLflow 3.17's UI picks the
 # layout (its "GenAI / Model training" switch) from this query, else from what the browser last
@@ -487,7 +501,11 @@ def _probe_database(uri: str) -> None:
 # API and for UIs that read it. MLflow 3.17's own UI does not: its layout follows the page's
 # query or the browser (MODEL_TRAINING_VIEW), whatever the tag says.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 MODEL_TRAINING_KIND = "custom_model_development"
+
+
 MODEL_TRAINING_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
 
 
@@ -579,74 +597,7 @@ def sqlite_store_path() -> Path | None:
     return sqlite_path(uri) if uri.startswith("sqlite:///") else None
 
 
-def process_tags() -> dict[str, str]:
-    """Tags naming the process that runs a run: see end_runs_of_dead_processes in tracking."""
-    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
-    identity = process_identity()
-    if identity is not None:
-        tags[PROCESS_TAG] = identity
-    return tags
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _pid_namespace() -> str | None:
-    """This process's pid namespace: the same host name may hold several (containers)."""
-    try:
-        return str(os.stat("/proc/self/ns/pid").st_ino)
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int | str) -> str | None:
-    """When process pid (or "self") started, in clock ticks since boot; None if it has gone or
-    is a zombie, dead but not yet reaped by its parent."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # Fields after the command name, which is in parentheses and may hold spaces.
-            fields = stat.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    return None if fields[0] == b"Z" else fields[19].decode()
-
-
-def process_identity() -> str | None:
-    """``<boot id>/<pid namespace>/<start ticks>`` of this process, or None where /proc does
-    not say (not Linux)."""
-    boot_id, namespace, start = _boot_id(), _pid_namespace(), _start_ticks("self")
-    if boot_id is None or namespace is None or start is None:
-        return None
-    return f"{boot_id}/{namespace}/{start}"
-
-
-def run_process_has_gone(pid: str, identity: str | None) -> bool:
-    """Whether the process a run of this host names (its pipeline.pid and pipeline.process
-    tags) has ended; False when this process cannot tell.
-
-    A process of another boot has ended: the host restarted since (a host of the same name on
-    another machine is not told apart). One of another pid namespace, a second container of
-    the same host name, is not ours to see: its pid here is another process, or none. In ours,
-    a pid whose process started at another time names a newer process. Runs of older versions
-    carry no identity: their pid alone is checked.
-    """
-    if not pid.isdigit():
-        return False
-    if not identity:
-        return not process_is_alive(int(pid))
-    boot, namespace, start = (identity.split("/") + ["", "", ""])[:3]
-    if boot != _boot_id():
-        return True
-    if namespace != _pid_namespace():
-        return False
-    return _start_ticks(int(pid)) != start
-
-
-def _read_sqlite(path: Path, query: str, parameters: tuple) -> list[tuple] | None:
+def read_sqlite(path: Path, query: str, parameters: tuple) -> list[tuple] | None:
     """Rows of a read-only query, with the standard library (no MLflow); None when the store
     cannot be read so."""
     try:
@@ -656,34 +607,10 @@ def _read_sqlite(path: Path, query: str, parameters: tuple) -> list[tuple] | Non
         return None
 
 
-def abandoned_runs_in_sqlite(path: Path) -> bool | None:
-    """Whether a SQLite store holds a run RUNNING on this host whose process has gone.
-
-    None when the store cannot be read read-only.
-    """
-    if not path.is_file():
-        return False
-    query = """
-        SELECT host.value, pid.value, process.value FROM runs
-        JOIN tags AS host ON host.run_uuid = runs.run_uuid AND host.key = ?
-        JOIN tags AS pid ON pid.run_uuid = runs.run_uuid AND pid.key = ?
-        LEFT JOIN tags AS process ON process.run_uuid = runs.run_uuid AND process.key = ?
-        WHERE runs.status = 'RUNNING'
-    """
-    rows = _read_sqlite(path, query, (HOST_TAG, PID_TAG, PROCESS_TAG))
-    if rows is None:
-        return None
-    host = socket.gethostname()
-    return any(
-        found_host == host and run_process_has_gone(pid, identity)
-        for found_host, pid, identity in rows
-    )
-
-
 def run_in_sqlite(path: Path, run_id: str) -> bool | None:
     """Whether a SQLite store holds the run (not deleted); None when it cannot be read."""
     if not path.is_file():
         return False
     query = "SELECT 1 FROM runs WHERE run_uuid = ? AND lifecycle_stage = 'active'"
-    rows = _read_sqlite(path, query, (run_id,))
+    rows = read_sqlite(path, query, (run_id,))
     return None if rows is None else bool(rows)

@@ -1,6 +1,6 @@
 """Stage 3, train: fit the bigram model; log its params and loss curve to MLflow.
 
-The loops themselves are in ``pipeline.training``: ``method: minibatch`` is the lecture's AdamW
+The loops themselves are in ``pipeline.lm.training``: ``method: minibatch`` is the lecture's AdamW
 loop, ``method: counts`` full-batch L-BFGS on the bigram counts. At every eval point the exact
 loss over the whole train and val splits is computed from their bigram counts (O(V^2)), instead
 of the lecture's estimate from 200 random batches; the loss is read back from the device only
@@ -9,8 +9,9 @@ there, never per step.
 The run is named after the DVC experiment (``<branch>@<short commit>`` under a plain `dvc repro`)
 and tagged with the sha256 of model.pt, by which evaluate, sample and the link stage find it:
 no run id enters a file DVC hashes. data/train/run.json, which `dvc exp show` lists, names it.
-Logging the model for serving and registering it is the register stage's job (pipeline/register.py),
-so training reads only the data and train params, and a change to serving never retrains.
+Logging the model for serving and registering it is the register stage's job
+(pipeline/stages/register.py), so training reads only the data and train params, and a change to
+serving never retrains.
 """
 
 from __future__ import annotations
@@ -22,13 +23,19 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import reproducibility, runrecord, tracking
 from pipeline.cli import stage_entry_point
-from pipeline.counts import bigram_counts
-from pipeline.data import load_encoded_corpus, to_device_tokens
 from pipeline.determinism import pin_threads
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
-from pipeline.model import BigramLanguageModel, save_model
+from pipeline.lm.bigram import BigramLanguageModel, save_model
+from pipeline.lm.counts import bigram_counts
+from pipeline.lm.tokens import load_encoded_corpus, to_device_tokens
+from pipeline.lm.training import (
+    check_losses_finite,
+    exact_losses,
+    fit,
+    out_of_memory_as_error,
+    resolve_device,
+)
 from pipeline.params import Params, TrainParams, check_block_size, load_params
 from pipeline.paths import (
     LOSS_CURVE_PATH,
@@ -40,13 +47,7 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
-from pipeline.training import (
-    check_losses_finite,
-    exact_losses,
-    fit,
-    out_of_memory_as_error,
-    resolve_device,
-)
+from pipeline.tracking import lineage, rebuild, run_record, runs
 
 
 def load_splits(
@@ -82,7 +83,7 @@ def train_model(
         train_loss, val_loss = exact_losses(model, splits["train_counts"], splits["val_counts"])
         check_losses_finite(step, train_loss, val_loss, config)
         curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-        tracking.log_losses(curve[-1], datasets)
+        lineage.log_losses(curve[-1], datasets)
         tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     fit(model, splits["train_tokens"], splits["train_counts"], config, on_eval, progress)
@@ -112,22 +113,22 @@ def train_and_log(params: Params) -> None:
     device = resolve_device(config.device)
     vocab, splits = load_splits(device, params.data.max_vocab_size)
     check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
-    datasets = tracking.training_datasets(params, corpus_sha256)
+    datasets = lineage.training_datasets(params, corpus_sha256)
     torch.manual_seed(config.seed)
     model = BigramLanguageModel(len(vocab)).to(device)
 
     with (
-        tracking.stage_run("train", params, run_name=tracking.run_name(params)) as run,
+        runs.stage_run("train", params, run_name=runs.run_name(params)) as run,
         # Ctrl-C or an error after the model is saved must not leave it without its run.json.
         outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
     ):
-        run_tags = {"device": str(device), **reproducibility.record(device)}
-        tracking.log_training_inputs(params, corpus_sha256, run_tags, datasets)
+        run_tags = {"device": str(device), **rebuild.record(device)}
+        lineage.log_training_inputs(params, corpus_sha256, run_tags, datasets)
         curve = train_model(model, splits, config, datasets)
         save_outputs(model, curve)
         model_sha256 = file_sha256(MODEL_PATH)
-        mlflow.set_tag(tracking.MODEL_TAG, model_sha256)
-        runrecord.write_run_record(run.info.run_id, model_sha256)
+        mlflow.set_tag(lineage.MODEL_TAG, model_sha256)
+        run_record.write_run_record(run.info.run_id, model_sha256)
 
 
 if __name__ == "__main__":

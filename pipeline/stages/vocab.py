@@ -16,7 +16,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from pipeline import tracking
 from pipeline.cli import stage_entry_point
 from pipeline.errors import PipelineError
 from pipeline.files import (
@@ -36,6 +35,7 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
+from pipeline.tracking import lineage, runs
 
 # 1 MB of UTF-8 becomes up to 4 MB of code points: small beside any corpus, and large enough
 # that numpy, not Python, does the work.
@@ -136,7 +136,7 @@ def main() -> None:
     params = load_params()
     download_info = read_json(DOWNLOAD_INFO_PATH, DOWNLOAD_INFO_FIELDS)
     with (
-        tracking.stage_run("vocab", params, run_name=tracking.corpus_run_name("vocab", params)),
+        runs.stage_run("vocab", params, run_name=runs.corpus_run_name("vocab", params)),
         outputs_removed_on_failure(TRAIN_TOKENS_PATH, VAL_TOKENS_PATH, VOCAB_PATH, MANIFEST_PATH),
     ):
         mlflow.log_params(
@@ -167,7 +167,7 @@ def main() -> None:
             },
         )
         # Later stages find this run by the manifest's hash: no run id enters a DVC output.
-        mlflow.set_tag(tracking.MANIFEST_TAG, file_sha256(MANIFEST_PATH))
+        mlflow.set_tag(lineage.MANIFEST_TAG, file_sha256(MANIFEST_PATH))
     print(f"vocabulary of {len(chars)} characters; {num_train:,} train and {num_val:,} val tokens")
 
 

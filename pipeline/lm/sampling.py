@@ -4,10 +4,10 @@ Shared by the sample stage, the generate command and the model MLflow serves, so
 encode prompts, bound requests and sample the same way.
 
 Sampling defaults have one source: the ``sample`` section of params.yaml. The sample stage reads
-it; training stores it with both logged models (``sampling_defaults.json``), so a model fetched
-from MLflow samples with the defaults it was trained beside, whatever the current directory's
-params.yaml says; ``model.pt`` in the workspace uses params.yaml, which `dvc repro` keeps in
-step with it.
+it; the register stage stores it with both logged models (``sampling_defaults.json``), so a
+model fetched from MLflow samples with the defaults it was registered with, whatever the current
+directory's params.yaml says; ``model.pt`` in the workspace uses params.yaml, which `dvc repro`
+keeps in step with it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import BigramLanguageModel
-from pipeline.params import MAX_SEED, MIN_TEMPERATURE, SampleParams
-from pipeline.params import _build_section as build_section
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.params import MAX_SEED, MIN_TEMPERATURE, SampleParams, build_section
 
 # The lecture starts generation from token 0, a newline; an empty prompt does the same.
 START_CHAR = "\n"
@@ -166,7 +165,7 @@ def check_row_count(rows: int) -> None:
     if rows > MAX_REQUEST_ROWS:
         raise PipelineError(
             f"{rows:,} rows in one request, above the limit of {MAX_REQUEST_ROWS:,} rows "
-            "(pipeline.textgen.MAX_REQUEST_ROWS); split the request"
+            "(pipeline.lm.sampling.MAX_REQUEST_ROWS); split the request"
         )
 
 
@@ -183,7 +182,7 @@ def check_total(requests: Sequence[Request], max_chars: int) -> None:
     if prompt_chars > MAX_PROMPT_CHARS:
         raise PipelineError(
             f"prompts of {prompt_chars:,} characters in {len(requests)} rows, above the limit "
-            f"of {MAX_PROMPT_CHARS:,} (pipeline.textgen.MAX_PROMPT_CHARS); a bigram model only "
+            f"of {MAX_PROMPT_CHARS:,} (pipeline.lm.sampling.MAX_PROMPT_CHARS); a bigram model only "
             "reads a prompt's last character, so shorten the prompts or split the request"
         )
 

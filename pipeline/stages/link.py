@@ -9,7 +9,7 @@ restores every other stage from its run-cache, when no other code of ours runs:
   restores a model from its run-cache, this stage rewrites it. It is a top-level params file of
   dvc.yaml, not a stage output: no hash of it enters dvc.lock, so dvc.lock stays byte-identical
   from run to run and clone to clone, while `dvc exp show` lists the run id of every
-  experiment (see pipeline/runrecord.py for how it enters each experiment's commit).
+  experiment (see pipeline/run_record.py for how it enters each experiment's commit).
 - Runs left RUNNING by a stage killed with SIGKILL (or the out-of-memory killer) on this host
   are ended KILLED, as any stage does when it starts; here this also happens when no stage runs.
 - A run.json whose run the store no longer holds (``mlflow.db`` deleted or replaced) is
@@ -23,7 +23,7 @@ restores every other stage from its run-cache, when no other code of ours runs:
   stage made of the model, with the aliases it got. Printed whenever run.json names a run,
   also on a no-op `dvc repro`, which is where a user who comes back finds the latest result.
   The run's experiment id and the version come from data/train/registered.json
-  (pipeline/runrecord.py).
+  (pipeline/run_record.py).
 
 It must stay cheap, since it runs on every no-op `dvc repro`: when run_model.json gives
 run.json's run the model's sha256, registered.json names that run, the SQLite store holds that
@@ -37,12 +37,12 @@ import json
 import math
 from pathlib import Path
 
-from pipeline import runrecord, store
 from pipeline.cli import stage_entry_point
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, read_json
 from pipeline.paths import METRICS_PATH, MODEL_PATH, PROBS_PLOT_PATH, SAMPLING_DEFAULTS_PATH
 from pipeline.secrets import masked
+from pipeline.tracking import processes, run_record, store
 
 
 def main() -> None:
@@ -57,44 +57,44 @@ def main() -> None:
 def link_model() -> str | None:
     """Point run.json (and registered.json) at the run that trained the model; return its id."""
     model_sha256 = file_sha256(MODEL_PATH)
-    recorded_run_id, recorded_sha256 = runrecord.recorded_run()
+    recorded_run_id, recorded_sha256 = run_record.recorded_run()
     linked = recorded_sha256 == model_sha256
     sqlite_file = store.sqlite_store_path()
-    abandoned = store.abandoned_runs_in_sqlite(sqlite_file) if sqlite_file else None
+    abandoned = processes.abandoned_runs_in_sqlite(sqlite_file) if sqlite_file else None
     if (
         linked
         and abandoned is False
         and _still_in_sqlite(sqlite_file, recorded_run_id)
         and _registration_recorded(recorded_run_id)
     ):
-        runrecord.stage_for_experiment()
+        run_record.stage_for_experiment()
         return recorded_run_id  # The common case, a no-op `dvc repro`: nothing imported.
 
     # Imported only now: MLflow costs a second or two to import and connect.
-    from pipeline import tracking
     from pipeline.params import load_params
+    from pipeline.tracking import lineage, runs
 
     params = load_params()
     experiment_id = store.connect(params.tracking.experiment_name)
-    tracking.end_runs_of_dead_processes(experiment_id)
+    runs.end_runs_of_dead_processes(experiment_id)
     store_uri = masked(store.tracking_uri())
-    if linked and (recorded_run_id is None or tracking.run_exists(recorded_run_id)):
+    if linked and (recorded_run_id is None or runs.run_exists(recorded_run_id)):
         if recorded_run_id is not None and not _registration_recorded(recorded_run_id):
             # A training whose weights came out the same as an earlier one's: DVC skipped
             # evaluate and register, whose deps did not change (or DVC restored them).
             _add_evaluation(recorded_run_id)
             _record_registration(recorded_run_id, model_sha256)
-        runrecord.stage_for_experiment()
+        run_record.stage_for_experiment()
         return recorded_run_id
     if linked:
         # The store was replaced or wiped (mlflow.db deleted): the id would point nowhere.
         print(f"link: the MLflow store {store_uri} no longer holds run {recorded_run_id}")
-    run_id = tracking.find_run(experiment_id, "train", tracking.MODEL_TAG, model_sha256)
+    run_id = runs.find_run(experiment_id, "train", lineage.MODEL_TAG, model_sha256)
     if run_id is not None:
         _add_evaluation(run_id)
         _record_registration(run_id, model_sha256)
     # A model pulled from a DVC remote may have been trained against another store.
-    runrecord.write_run_record(run_id, model_sha256)
+    run_record.write_run_record(run_id, model_sha256)
     if run_id is None:
         print(f"link: no training run in the MLflow store {store_uri} holds {MODEL_PATH}")
     else:
@@ -103,7 +103,7 @@ def link_model() -> str | None:
 
 
 def _registration_recorded(run_id: str | None) -> bool:
-    return run_id is None or runrecord.recorded_registration(run_id) is not None
+    return run_id is None or run_record.recorded_registration(run_id) is not None
 
 
 def _add_evaluation(run_id: str) -> None:
@@ -116,7 +116,7 @@ def _add_evaluation(run_id: str) -> None:
     """
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.tracking import lineage, runs
 
     try:
         metrics = read_json(METRICS_PATH)
@@ -125,9 +125,9 @@ def _add_evaluation(run_id: str) -> None:
     logged = MlflowClient().get_run(run_id).data.metrics
     if not isinstance(metrics, dict) or set(metrics) <= set(logged):
         return
-    step = tracking.last_step(run_id, "val_loss")
+    step = lineage.last_step(run_id, "val_loss")
     artifacts = tuple(path for path in (METRICS_PATH, PROBS_PLOT_PATH) if path.is_file())
-    tracking.add_to_run(run_id, metrics, step, artifacts)
+    runs.add_to_run(run_id, metrics, step, artifacts)
 
 
 def _record_registration(run_id: str, model_sha256: str) -> None:
@@ -142,14 +142,14 @@ def _record_registration(run_id: str, model_sha256: str) -> None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
+    from pipeline.tracking import lineage
 
     client = MlflowClient()
     experiment_id = client.get_run(run_id).info.experiment_id
-    served = f"tags.`{tracking.MODEL_TAG}` = '{model_sha256}'"
+    served = f"tags.`{lineage.MODEL_TAG}` = '{model_sha256}'"
     if SAMPLING_DEFAULTS_PATH.is_file():
         defaults_sha256 = file_sha256(SAMPLING_DEFAULTS_PATH)
-        served += f" and tags.`{tracking.SAMPLING_DEFAULTS_TAG}` = '{defaults_sha256}'"
+        served += f" and tags.`{lineage.SAMPLING_DEFAULTS_TAG}` = '{defaults_sha256}'"
     try:
         # Whatever the name: the registration used tracking's name then.
         found = list(client.search_model_versions(served))
@@ -159,7 +159,7 @@ def _record_registration(run_id: str, model_sha256: str) -> None:
     if newest is not None:
         # A search leaves a version's aliases out; a look-up of the version has them.
         newest = client.get_model_version(newest.name, newest.version)
-    runrecord.write_registration(
+    run_record.write_registration(
         run_id,
         experiment_id,
         None if newest is None else newest.name,
@@ -175,7 +175,7 @@ def summary_lines(run_id: str) -> list[str]:
     result = _result_line()
     if result is not None:
         lines.append(result)
-    registration = runrecord.recorded_registration(run_id)
+    registration = run_record.recorded_registration(run_id)
     if registration is None:
         return [*lines, f"MLflow run {run_id}"]
     url, command = store.run_page(registration["experiment_id"], run_id)

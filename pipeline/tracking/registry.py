@@ -1,10 +1,11 @@
-"""The trained model in MLflow: logged in two flavours, registered, served.
+"""The trained model in MLflow: logged in two flavours, registered, given its aliases.
 
-Each training logs ``model`` (PyTorch, for ``mlflow.pytorch.load_model``) and ``generator``: a
-pyfunc that takes prompts and returns text, holding the weights and the vocabulary. Both carry
-the training's ``sample`` params as their sampling defaults (pipeline.textgen), and the pipeline
-modules of the train stage's deps as their code. The generator is registered in the Model
-Registry under ``tracking.registered_model_name``, one version per training, so that
+For each trained model the register stage logs ``model`` (PyTorch, for
+``mlflow.pytorch.load_model``) and ``generator``: a pyfunc (tracking.served_model) that takes
+prompts and returns text, holding the weights and the vocabulary. Both carry the ``sample``
+params as their sampling defaults (pipeline.lm.sampling), and the pipeline modules of the
+register stage's deps as their code. The generator is registered in the Model Registry under
+``tracking.registered_model_name``, one version per new model or new defaults, so that
 
     mlflow models serve -m models:/bigram-shakespeare@champion --env-manager local
 
@@ -12,7 +13,7 @@ answers ``POST /invocations`` with ``{"dataframe_records": [{"prompt": "ROMEO:",
 by ``{"predictions": ["ROMEO:..."]}``. The columns ``chars``, ``temperature`` and ``seed`` are
 optional; their defaults, and the ``max_chars`` bound, are the training's ``sample`` params.
 ``max_chars`` bounds the characters of the whole request, all rows together; a request holds at
-most ``pipeline.textgen.MAX_REQUEST_ROWS`` rows (1,000) and prompts of ``MAX_PROMPT_CHARS``
+most ``pipeline.lm.sampling.MAX_REQUEST_ROWS`` rows (1,000) and prompts of ``MAX_PROMPT_CHARS``
 characters in all, so that a request within the limits answers in seconds. A bad value in any
 row (a prompt that is not a string, ``chars: 1.5``, ``temperature: NaN``) is an HTTP 400 naming it,
 before any row is generated.
@@ -43,32 +44,30 @@ import torch
 from mlflow.entities import LoggedModelOutput
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, Schema
-from mlflow.types.schema import AnyType
 
-from pipeline import reproducibility
-from pipeline.data import load_vocab
 from pipeline.errors import PipelineError
-from pipeline.model import BigramLanguageModel, load_model
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.tokens import load_vocab
 from pipeline.params import Params
 from pipeline.paths import MODEL_PATH, VOCAB_PATH
-from pipeline.textgen import (
-    Request,
-    TextGenerator,
-    check_row_count,
-    check_total,
-    checked_request,
-    read_sampling_defaults,
-)
+from pipeline.tracking import rebuild
+from pipeline.tracking.served_model import SIGNATURE, input_example
 
 MODEL_ARTIFACT = "model"
+
+
 GENERATOR_ARTIFACT = "generator"
+
+
 CHAMPION = "champion"
+
+
 CHALLENGER = "challenger"
+
+
 DVC_EXPERIMENT_TAG = "dvc.exp_name"
+
+
 # The dvc.yaml stage that runs this module, whose code deps the logged models carry.
 REGISTER_STAGE = "register"
 
@@ -80,84 +79,6 @@ class Registration:
     model_name: str
     version: str
     aliases: tuple[str, ...]
-
-
-# The numeric columns are AnyType because MLflow casts to a declared type silently: "long" turns
-# chars 1.5 into 1 and 1e30 into -2**63. Values reach predict as sent, and checked_request checks
-# them.
-SIGNATURE = ModelSignature(
-    inputs=Schema(
-        [
-            ColSpec("string", "prompt"),
-            ColSpec(AnyType(), "chars", required=False),
-            ColSpec(AnyType(), "temperature", required=False),
-            ColSpec(AnyType(), "seed", required=False),
-        ]
-    ),
-    outputs=Schema([ColSpec("string")]),
-)
-EXAMPLE_PROMPT = "ROMEO:"
-
-
-def input_example(chars: list[str]) -> pd.DataFrame:
-    """A request the model can answer, which MLflow runs when logging it: "ROMEO:" when the
-    vocabulary has its characters, else the vocabulary's first printable character."""
-    if set(EXAMPLE_PROMPT) <= set(chars):
-        prompt = EXAMPLE_PROMPT
-    else:
-        prompt = next((c for c in chars if c.isprintable() and not c.isspace()), chars[0])
-    return pd.DataFrame({"prompt": [prompt], "chars": [100]})
-
-
-class BigramTextModel(PythonModel):
-    """Prompts in (a DataFrame with a ``prompt`` column), generated texts out."""
-
-    def load_context(self, context) -> None:
-        chars = load_vocab(Path(context.artifacts["vocab"]))
-        model = load_model(Path(context.artifacts["weights"]), len(chars))
-        # The training's sample params, an artifact rather than a model_config, which MLflow
-        # would log again as unprefixed run params.
-        defaults = read_sampling_defaults(Path(context.artifacts["defaults"]))
-        self.generator = TextGenerator(model, chars, defaults)
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
-        try:
-            # The row count first, as reading the rows costs per row; then every row is
-            # checked, and the request as a whole, before any is generated.
-            check_row_count(len(model_input))
-            requests = [self.checked(row, model_input) for row in model_input.to_dict("records")]
-            check_total(requests, self.generator.defaults.max_chars)
-            return [self.generator.complete(request) for request in requests]
-        except PipelineError as error:
-            # The scoring server answers an MlflowException with HTTP 400 and this message.
-            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
-
-    def checked(self, row: dict, batch: pd.DataFrame) -> Request:
-        defaults = self.generator.defaults
-        return checked_request(
-            row.get("prompt"),
-            self._value(row, "chars", batch, defaults.num_chars),
-            self._value(row, "temperature", batch, defaults.temperature),
-            self._value(row, "seed", batch, defaults.seed),
-            defaults.max_chars,
-        )
-
-    @staticmethod
-    def _value(row: dict, column: str, batch: pd.DataFrame, default):
-        """The row's value, or the default where the row leaves the column out.
-
-        pandas marks a row that leaves out a column other rows give with NaN, and JSON null
-        reads as None or NaN too. So a gap counts as left out only where some other row gives
-        the column; a column that no row gives a value (``temperature: NaN``) is checked as sent.
-        """
-        value = row.get(column)
-        if column not in batch.columns or (_is_gap(value) and batch[column].notna().any()):
-            return default
-        return value
-
-
-def _is_gap(value) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def log_and_register(
@@ -199,18 +120,18 @@ def model_code() -> Iterator[list[str]]:
     a change to any module it needs makes a new version. Outside a project, the whole package.
     The copy lives in a temporary directory for as long as the models are being logged.
     """
-    package = Path(__file__).resolve().parent
-    if not reproducibility.DVC_FILE.is_file():
+    package = Path(__file__).resolve().parents[1]  # pipeline/, this module's parent package
+    if not rebuild.DVC_FILE.is_file():
         yield [str(package)]
         return
     with tempfile.TemporaryDirectory(prefix="bigram-code-") as scratch:
-        target = Path(scratch) / package.name
-        target.mkdir()
-        for dep in reproducibility.stage_deps(REGISTER_STAGE):
+        for dep in rebuild.stage_deps(REGISTER_STAGE):
             path = Path(dep)
-            if path.parent.name == package.name and path.suffix == ".py":
-                shutil.copy2(path, target / path.name)
-        yield [str(target)]
+            if path.parts[0] == package.name and path.suffix == ".py":
+                # The same tree as pipeline/, sub-packages and their __init__.py included.
+                (Path(scratch) / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, Path(scratch) / path)
+        yield [str(Path(scratch) / package.name)]
 
 
 def pip_requirements() -> list[str]:
@@ -224,6 +145,8 @@ def pip_requirements() -> list[str]:
 
 # MLflow's warning on every PyTorch model it pickles; ours must be (see log_pytorch_model).
 PICKLE_WARNING_LOGGER = "mlflow.pytorch"
+
+
 PICKLE_WARNING_START = "Saving pytorch model by Pickle or CloudPickle format"
 
 
@@ -278,7 +201,7 @@ def log_text_generator(
     """Log the pyfunc generator into the active run at ``step``; returns MLflow's ModelInfo."""
     return mlflow.pyfunc.log_model(
         name=GENERATOR_ARTIFACT,
-        python_model=str(Path(__file__).resolve().parent / "generator_model.py"),
+        python_model=str(Path(__file__).resolve().parent / "served_model_entry.py"),
         artifacts={
             "weights": str(weights_path),
             "vocab": str(vocab_path),

@@ -1,7 +1,7 @@
 """The lecture's algorithm (ng-video-lecture bigram.py), written anew: the one readable reference.
 
 The benchmarks measure the pipeline against it (benchmarks/reference.py runs it end to end), and
-the tests check that the pipeline's fast paths (pipeline/training.py, pipeline/textgen.py)
+the tests check that the pipeline's fast paths (pipeline/lm/training.py, pipeline/lm/sampling.py)
 compute what it computes. No stage imports it.
 
 It keeps what the pipeline improves on: batches stacked row by row in Python, a forward pass

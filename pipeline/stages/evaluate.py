@@ -3,7 +3,7 @@
 Writes metrics.json for `dvc metrics` and logs the same numbers into its own child run of the
 training run (found by model.pt's sha256) and adds them to the training run, plus a picture of
 the learned next-character table beside the one counted from the corpus
-(pipeline.heatmap).
+(pipeline.lm.heatmap).
 
 - train_loss, val_loss: mean loss over every bigram of each split (exact).
 - uniform_loss: ln(V), a uniform guess (4.1744 for V = 65).
@@ -22,9 +22,12 @@ import math
 import mlflow
 import torch
 
-from pipeline import tracking
 from pipeline.cli import stage_entry_point
-from pipeline.counts import (
+from pipeline.determinism import pin_threads
+from pipeline.errors import PipelineError
+from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
+from pipeline.lm.bigram import load_model
+from pipeline.lm.counts import (
     bigram_counts,
     bigram_loss_from_counts,
     conditional_entropy,
@@ -32,12 +35,8 @@ from pipeline.counts import (
     next_token_frequencies,
     uniform_loss,
 )
-from pipeline.data import load_encoded_corpus, to_device_tokens
-from pipeline.determinism import pin_threads
-from pipeline.errors import PipelineError
-from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
-from pipeline.heatmap import plot_next_char_probs
-from pipeline.model import load_model
+from pipeline.lm.heatmap import plot_next_char_probs
+from pipeline.lm.tokens import load_encoded_corpus, to_device_tokens
 from pipeline.params import load_params
 from pipeline.paths import (
     METRICS_PATH,
@@ -47,6 +46,7 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
+from pipeline.tracking import lineage, runs
 
 
 def compute_metrics(
@@ -91,10 +91,10 @@ def main() -> None:
     # Before the run starts and before any output is removed: a bad model changes nothing.
     metrics = compute_metrics(logits, train_counts, val_counts)
     check_metrics_finite(metrics)
-    training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
+    training_run = lineage.training_run_id(params, file_sha256(MODEL_PATH))
 
     with (
-        tracking.model_run("evaluate", params, training_run, stage_params={}),
+        runs.model_run("evaluate", params, training_run, stage_params={}),
         outputs_removed_on_failure(METRICS_PATH, PROBS_PLOT_PATH),
     ):
         plot_next_char_probs(
@@ -106,12 +106,12 @@ def main() -> None:
         )
         write_json(METRICS_PATH, metrics)
         # Logged at the last training step: the run's latest value is then exactly metrics.json's.
-        step = tracking.last_step(training_run, "val_loss")
+        step = lineage.last_step(training_run, "val_loss")
         mlflow.log_metrics(metrics, step=step)
         mlflow.log_artifact(str(METRICS_PATH))
         mlflow.log_artifact(str(PROBS_PLOT_PATH))
         # The training run, which users compare, gets the same, without being resumed.
-        tracking.add_to_run(training_run, metrics, step, (METRICS_PATH, PROBS_PLOT_PATH))
+        runs.add_to_run(training_run, metrics, step, (METRICS_PATH, PROBS_PLOT_PATH))
     for name, value in metrics.items():
         print(f"{name:>30}: {value:.4f}")
 

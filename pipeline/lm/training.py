@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm import tqdm
 
-from pipeline.counts import bigram_loss_from_counts
-from pipeline.data import batch_at, get_batch
 from pipeline.errors import PipelineError
-from pipeline.model import BigramLanguageModel
+from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.counts import bigram_loss_from_counts
+from pipeline.lm.tokens import batch_at, get_batch
 from pipeline.params import TrainParams
 
 EvalCallback = Callable[[int], None]

@@ -37,13 +37,13 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import tracking
 from pipeline.cli import stage_entry_point
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_path, write_json
 from pipeline.params import CORPUS_URL_ENV, DataParams, load_params
 from pipeline.paths import CORPUS_PATH, DOWNLOAD_INFO_PATH
 from pipeline.secrets import basic_auth_header, masked, open_url, split_credentials
+from pipeline.tracking import lineage, runs
 
 CHUNK_BYTES = 1 << 20
 # Network knobs, from the environment because they do not change the corpus (DVC ignores them):
@@ -364,13 +364,11 @@ def main() -> None:
     params = load_params()
     source = corpus_source(params.data)
     settings = settings_from_env()
-    with tracking.stage_run(
-        "download", params, run_name=tracking.corpus_run_name("download", params)
-    ):
+    with runs.stage_run("download", params, run_name=runs.corpus_run_name("download", params)):
         mlflow.log_params({"data.url": masked(params.data.url), "data.sha256": params.data.sha256})
         # Where this machine fetched the corpus from goes to MLflow, never into download.json:
         # a DVC-tracked file must not differ between machines that fetched the same bytes.
-        mlflow.set_tags({"corpus_source": masked(source), tracking.CORPUS_TAG: params.data.sha256})
+        mlflow.set_tags({"corpus_source": masked(source), lineage.CORPUS_TAG: params.data.sha256})
         started = time.perf_counter()
         size = download_verified(
             source,

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import mlflow
 
-from pipeline import tracking
 from pipeline.cli import stage_entry_point
-from pipeline.data import load_vocab
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_text
-from pipeline.model import load_model
+from pipeline.lm.bigram import load_model
+from pipeline.lm.sampling import TextGenerator
+from pipeline.lm.tokens import load_vocab
 from pipeline.params import load_params
 from pipeline.paths import MODEL_PATH, SAMPLE_PATH, VOCAB_PATH
-from pipeline.textgen import TextGenerator
+from pipeline.tracking import lineage, runs
 
 
 def main() -> None:
@@ -24,17 +24,17 @@ def main() -> None:
     config = params.sample
     chars = load_vocab(VOCAB_PATH)
     model = load_model(MODEL_PATH, len(chars))
-    training_run = tracking.training_run_id(params, file_sha256(MODEL_PATH))
+    training_run = lineage.training_run_id(params, file_sha256(MODEL_PATH))
 
     with (
-        tracking.model_run("sample", params, training_run, params.flat("sample")),
+        runs.model_run("sample", params, training_run, params.flat("sample")),
         outputs_removed_on_failure(SAMPLE_PATH),
     ):
         generator = TextGenerator(model, chars, defaults=config)
         text = generator.complete(generator.request())
         write_text(SAMPLE_PATH, text)
         mlflow.log_text(text, "samples/sample.txt")
-        tracking.add_to_run(training_run, texts={"samples/sample.txt": text})
+        runs.add_to_run(training_run, texts={"samples/sample.txt": text})
     print(text)
 
 

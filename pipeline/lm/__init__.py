@@ -1,0 +1,11 @@
+"""The language models and their maths: tensors in, tensors out, no MLflow and no repo paths.
+
+- ``bigram``: the lecture's bigram model (a V x V table of next-token logits), saved and loaded.
+- ``counts``: bigram counts and the exact losses they give (the optimum any bigram can reach).
+- ``tokens``: the vocabulary, the token files and the training batches drawn from them.
+- ``training``: the training loops: the lecture's step first, the fast steps beside it.
+- ``lecture``: the lecture's plain loop, estimate and generate, the reference that the fast
+  paths are checked against (tests and benchmarks import it from here).
+- ``sampling``: text in, text out (``TextGenerator``), with the checks on every request.
+- ``heatmap``: the picture of the next-character probabilities.
+"""
