@@ -130,9 +130,9 @@ def test_a_file_size_limit_during_download_is_a_full_disk_not_a_broken_transfer(
 
 def code_tree(root: Path) -> Path:
     """A package to copy, as MLflow copies a logged model's code: a subdirectory, a large file."""
-    (root / "pipeline").mkdir(parents=True)
+    (root / "pipeline" / "lm").mkdir(parents=True)
     (root / "pipeline" / "__init__.py").write_text("")
-    (root / "pipeline" / "model.py").write_bytes(b"#" * 200_000)
+    (root / "pipeline" / "lm" / "bigram.py").write_bytes(b"#" * 200_000)
     return root
 
 
@@ -176,7 +176,8 @@ def test_a_file_size_limit_inside_shutils_list_of_copy_errors_is_found(tmp_path)
         preexec_fn=file_size_limit(1 << 16),
     )
     assert copied.returncode == 0, copied.stderr
-    assert copied.stdout.split() == [str(errno.EFBIG), str(tmp_path / "copy/pipeline/lm/bigram.py")]
+    too_large = tmp_path / "copy/pipeline/lm/bigram.py"
+    assert copied.stdout.split() == [str(errno.EFBIG), str(too_large)]
 
 
 # The MLflow store --------------------------------------------------------------------------

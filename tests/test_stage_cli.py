@@ -42,7 +42,7 @@ def run_stage(stage: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_help_describes_the_stage_and_runs_nothing(stage: str, tmp_path: Path):
     result = run_stage(stage, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"usage: python -m pipeline.{stage} [-h]")
+    assert result.stdout.startswith(f"usage: python -m pipeline.stages.{stage} [-h]")
     assert f", {stage}: " in result.stdout  # The module docstring: "Stage N, <stage>: ..."
     assert not any(tmp_path.iterdir()), "the stage wrote files"
 
