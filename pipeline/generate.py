@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,7 +118,7 @@ def load_generator(reference: str, vocab_path: Path) -> TextGenerator:
 
 
 def load_from_path(path: Path, vocab_path: Path, reference: str) -> TextGenerator:
-    from pipeline.lm.bigram import load_model
+    from pipeline.lm.models import load_model
     from pipeline.lm.sampling import TextGenerator
     from pipeline.lm.tokens import load_vocab
 
@@ -214,7 +214,8 @@ def load_mlflow_model(path: Path, source: str | None = None) -> TextGenerator:
 def _load_mlflow_model(root: Path, source: str) -> TextGenerator:
     import yaml
 
-    from pipeline.lm.bigram import load_logged_module, load_model
+    from pipeline.lm.bigram import load_logged_module
+    from pipeline.lm.models import LanguageModel, load_model
     from pipeline.lm.sampling import SAMPLING_DEFAULTS_FILE, TextGenerator, read_sampling_defaults
     from pipeline.lm.tokens import load_vocab
 
@@ -238,7 +239,9 @@ def _load_mlflow_model(root: Path, source: str) -> TextGenerator:
             "vocab": extra.get(VOCAB_PATH.name),
             "defaults": extra.get(SAMPLING_DEFAULTS_FILE),
         }
-        load_weights = load_logged_module
+        load_weights: Callable[[Path, int], LanguageModel] = load_logged_module
+        if MODEL_PATH.name in extra:  # A GPT's: its model.pt, tensors only, beside the pickle.
+            files["weights"], load_weights = extra[MODEL_PATH.name], load_model
     elif isinstance(generator, dict) and isinstance(generator.get("artifacts"), dict):
         artifacts = generator["artifacts"]
         files = {

@@ -30,6 +30,8 @@ PARAMS_FILE = Path("params.yaml")
 CORPUS_URL_ENV = "BIGRAM_CORPUS_URL"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 TRAIN_METHODS = ("minibatch", "counts")
+MODEL_TYPES = ("bigram", "gpt")
+LR_SCHEDULES = ("constant", "cosine")
 MAX_SEED = 2**63  # Every torch and numpy generator takes seeds in [0, 2**63).
 # Upper bounds that keep a typo from becoming an allocator traceback or a run of years.
 # A batch costs about 60 bytes per token in training: 2**24 tokens take 1 GB.
@@ -47,16 +49,18 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 # MLflow's SQL stores keep experiment and registered model names in VARCHAR(256) columns:
 # PostgreSQL refuses a longer one, but only when the run or the registration writes it.
 MAX_STORE_NAME = 256
+# The registered model is <model.type>-<data.name> unless tracking names it: the longest prefix.
 REGISTERED_NAME_PREFIX = "bigram-"
 
 
 Rule = tuple[str, Callable[[Any], bool]]
 
 
-def param(*rules: Rule) -> Any:
+def param(*rules: Rule, default: Any = dataclasses.MISSING) -> Any:
     """A field whose value must pass each (rule, check) in turn; the first rule it fails is
-    the error's "must be ..." ."""
-    return dataclasses.field(metadata={"rules": rules})
+    the error's "must be ..." . params.yaml must give every field; a default is only for code
+    that builds a section itself (the lecture's reference)."""
+    return dataclasses.field(metadata={"rules": rules}, default=default)
 
 
 POSITIVE: Rule = ("a positive integer", lambda value: value > 0)
@@ -122,6 +126,16 @@ class TrainParams:
     lr: float = param(FINITE_POSITIVE)
     seed: int = param(SEED)
     device: str = param((f"one of {DEVICES}", lambda value: value in DEVICES))
+    # constant: train.lr at every step (the lecture's). cosine: a linear warm-up over
+    # train.warmup_iters steps, then half a cosine down to train.lr / 10 at the last step
+    # (nanoGPT's schedule).
+    lr_schedule: str = param(
+        (f"one of {LR_SCHEDULES}", lambda value: value in LR_SCHEDULES), default="constant"
+    )
+    warmup_iters: int = param(("an integer >= 0", lambda value: value >= 0), default=0)
+    # A GPT's loss curve: the mean loss of this many random batches per split at each eval point
+    # (the lecture's estimate_loss). A bigram's curve is exact, from its counts.
+    eval_iters: int = param(POSITIVE, default=200)
 
     def joint_checks(self) -> Iterator[Check]:
         yield (
@@ -136,6 +150,32 @@ class TrainParams:
             "eval_interval",
             f"at least train.max_iters / {MAX_EVALS:,} (at most {MAX_EVALS:,} evaluations)",
             self.eval_interval,
+        )
+        yield (
+            self.warmup_iters < self.max_iters,
+            "warmup_iters",
+            f"below train.max_iters = {self.max_iters}",
+            self.warmup_iters,
+        )
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which model of the lecture, and a GPT's sizes (unused by the bigram). The GPT's context
+    length is train.block_size, as in the lecture."""
+
+    type: str = param((f"one of {MODEL_TYPES}", lambda value: value in MODEL_TYPES))
+    n_layer: int = param(POSITIVE)
+    n_head: int = param(POSITIVE)
+    n_embd: int = param(POSITIVE)
+    dropout: float = param(("in [0, 1)", lambda value: 0.0 <= value < 1.0))
+
+    def joint_checks(self) -> Iterator[Check]:
+        yield (
+            self.n_embd % self.n_head == 0,
+            "n_embd",
+            f"a multiple of model.n_head = {self.n_head} (each head gets n_embd / n_head channels)",
+            self.n_embd,
         )
 
 
@@ -184,6 +224,7 @@ class TrackingParams:
 @dataclass(frozen=True)
 class Params:
     data: DataParams
+    model: ModelParams
     train: TrainParams
     sample: SampleParams
     tracking: TrackingParams
@@ -203,7 +244,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise PipelineError(
-            f"{path}: must be a mapping of sections (data, train, sample, tracking)"
+            f"{path}: must be a mapping of sections (data, model, train, sample, tracking)"
         )
     section_types = typing.get_type_hints(Params)
     _reject_unknown_keys(raw, list(section_types), "", path)
@@ -213,12 +254,23 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         if not isinstance(values, dict):
             raise PipelineError(f"{path}: '{name}' must be a mapping of params")
         if name == "tracking" and values.get("registered_model_name") == "":
-            values = {
-                **values,
-                "registered_model_name": f"{REGISTERED_NAME_PREFIX}{sections['data'].name}",
-            }
+            # One registered model per family and corpus: bigram-shakespeare, gpt-shakespeare.
+            model_name = f"{sections['model'].type}-{sections['data'].name}"
+            values = {**values, "registered_model_name": model_name}
         sections[name] = build_section(section_type, name, values, path)
-    return Params(**sections)
+    params = Params(**sections)
+    _check_across_sections(params, path)
+    return params
+
+
+def _check_across_sections(params: Params, path: Path) -> None:
+    if params.model.type != "bigram" and params.train.method == "counts":
+        _reject(
+            path,
+            "train.method",
+            f"minibatch for model.type {params.model.type} (counts fits a bigram's table)",
+            params.train.method,
+        )
 
 
 def _read_yaml(path: Path) -> Any:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.models import LanguageModel, context_length
 from pipeline.params import MAX_SEED, MIN_TEMPERATURE, SampleParams, build_section
 
 # The lecture starts generation from token 0, a newline; an empty prompt does the same.
@@ -59,7 +59,7 @@ def read_sampling_defaults(path: Path) -> SampleParams:
 
 @dataclass(frozen=True)
 class TextGenerator:
-    model: BigramLanguageModel
+    model: LanguageModel
     chars: list[str]
     # What a request leaves out: the sample params the model was trained beside.
     defaults: SampleParams
@@ -99,19 +99,19 @@ class TextGenerator:
     def generate(self, prompt: str, num_chars: int, temperature: float, seed: int) -> str:
         """The prompt followed by num_chars sampled characters (seeded: same seed, same text).
 
-        A bigram model only looks at the last character, so the prompt's last character seeds
-        the sampling; an empty prompt starts from a newline, which is not returned.
+        The model sees as much of the prompt's end as it can use: a bigram its last character,
+        a GPT its last block_size. An empty prompt starts from a newline, which is not returned.
         """
         prompt_ids = self.encode(prompt)
         if num_chars == 0:
             return prompt
-        start_id = prompt_ids[-1] if prompt_ids else self._start_id()
-        context = torch.tensor([[start_id]], dtype=torch.long)
+        context_ids = prompt_ids[-context_length(self.model) :] or [self._start_id()]
+        context = torch.tensor([context_ids], dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
         tokens = self.model.generate(
             context, num_chars, temperature=temperature, generator=generator
         )
-        return prompt + "".join(self.chars[i] for i in tokens[0, 1:].tolist())
+        return prompt + "".join(self.chars[i] for i in tokens[0, len(context_ids) :].tolist())
 
     def _start_id(self) -> int:
         return self.chars.index(START_CHAR) if START_CHAR in self.chars else 0

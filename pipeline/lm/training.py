@@ -1,14 +1,16 @@
 """The training loops, free of MLflow and file paths: what the train stage and the benchmarks run.
 
-``train_minibatch`` is the lecture's loop: AdamW on random (batch_size, block_size) batches.
-``train_on_counts`` fits the same table by full-batch L-BFGS on the bigram count matrix, which
-is all the loss depends on. Both call ``on_eval(step)`` at every eval point, where the caller
-computes the exact losses from the bigram counts (``exact_losses``).
+``train_minibatch`` is the lecture's loop: AdamW on random (batch_size, block_size) batches, for
+either model. ``train_on_counts`` fits a bigram's table by full-batch L-BFGS on the bigram count
+matrix, which is all its loss depends on. Both call ``on_eval(step)`` at every eval point, where
+the caller computes a bigram's exact losses from the counts (``exact_losses``) or a GPT's
+estimate from random batches (``estimated_losses``, the lecture's estimate_loss).
 
 A minibatch step is the lecture's (``lecture_step``: batch, loss, zero_grad, backward, step)
-or one of two equivalents beside it, chosen in ``choose_step``: on the CPU the gradient of the
-batch's loss in closed form instead of by backward() (``closed_form_step``); on a CUDA device the
-step captured once as a CUDA graph and replayed (``CudaGraphStep``).
+or, for a bigram at a constant learning rate, one of two equivalents beside it, chosen in
+``choose_step``: on the CPU the gradient of the batch's loss in closed form instead of by
+backward() (``closed_form_step``); on a CUDA device the step captured once as a CUDA graph and
+replayed (``CudaGraphStep``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError
 from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.lm.counts import bigram_loss_from_counts
+from pipeline.lm.gpt import GPTLanguageModel
+from pipeline.lm.models import LanguageModel
 from pipeline.lm.tokens import batch_at, get_batch
 from pipeline.params import TrainParams
 
@@ -35,7 +39,7 @@ LINE_SEARCH_EVALS = 25
 
 
 def fit(
-    model: BigramLanguageModel,
+    model: LanguageModel,
     train_tokens: torch.Tensor,
     train_counts: torch.Tensor,
     config: TrainParams,
@@ -44,13 +48,14 @@ def fit(
 ) -> None:
     """Train by config.method: the lecture's minibatch loop, or L-BFGS on the bigram counts."""
     if config.method == "counts":
+        assert isinstance(model, BigramLanguageModel)  # params refuse counts for a GPT
         train_on_counts(model, train_counts, config, on_eval, progress)
     else:
         train_minibatch(model, train_tokens, config, on_eval, progress)
 
 
 def train_minibatch(
-    model: BigramLanguageModel,
+    model: LanguageModel,
     train_tokens: torch.Tensor,
     config: TrainParams,
     on_eval: EvalCallback,
@@ -66,6 +71,7 @@ def train_minibatch(
     """
     step = choose_step(model, train_tokens, config, cuda_graph)
     evals = set(eval_steps(config.max_iters, config.eval_interval))
+    model.train()  # dropout on; on_eval may switch it off, and must switch it back
     for iteration in range(config.max_iters):
         if iteration in evals:
             on_eval(iteration)
@@ -75,22 +81,44 @@ def train_minibatch(
 
 
 def lecture_step(
-    model: BigramLanguageModel,
+    model: LanguageModel,
     optimizer: torch.optim.Optimizer,
     tokens: torch.Tensor,
     config: TrainParams,
     generator: torch.Generator,
 ) -> TrainStep:
-    """The lecture's step: a random batch, its loss, zero_grad, backward, an optimizer step."""
+    """The lecture's step: a random batch, its loss, zero_grad, backward, an optimizer step
+    (at the learning rate train.lr_schedule gives the step)."""
+    iteration = 0
 
     def step() -> None:
+        nonlocal iteration
+        if config.lr_schedule != "constant":
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(iteration, config)
         inputs, targets = get_batch(tokens, config.batch_size, config.block_size, generator)
         loss = model.batch_loss(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        iteration += 1
 
     return step
+
+
+def learning_rate(iteration: int, config: TrainParams) -> float:
+    """train.lr, or under the cosine schedule: a linear warm-up over train.warmup_iters steps
+    (Adam's moment estimates are noisy at first), then half a cosine from train.lr down to
+    train.lr / 10 at the last step, as nanoGPT decays it."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    if iteration < config.warmup_iters:
+        return config.lr * (iteration + 1) / (config.warmup_iters + 1)
+    min_lr = config.lr / 10
+    progress = (iteration - config.warmup_iters) / max(
+        1, config.max_iters - 1 - config.warmup_iters
+    )
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
 
 
 def closed_form_step(
@@ -118,21 +146,25 @@ def closed_form_step(
 
 
 def choose_step(
-    model: BigramLanguageModel, tokens: torch.Tensor, config: TrainParams, cuda_graph: bool
+    model: LanguageModel, tokens: torch.Tensor, config: TrainParams, cuda_graph: bool
 ) -> TrainStep:
-    """The one place a step is chosen: closed form on a CPU, a replayed CUDA graph on CUDA
-    (unless cuda_graph is False), the lecture's own step elsewhere (MPS, eager CUDA). All draw
-    the same batches from one generator seeded with train.seed."""
+    """The one place a step is chosen: for a bigram at a constant learning rate, closed form on
+    a CPU and a replayed CUDA graph on CUDA (unless cuda_graph is False); the lecture's own step
+    for a GPT and elsewhere (MPS, eager CUDA, a schedule). All draw the same batches from one
+    generator seeded with train.seed."""
     device = tokens.device
-    use_graph = cuda_graph and device.type == "cuda"
+    fast_bigram = isinstance(model, BigramLanguageModel) and config.lr_schedule == "constant"
+    use_graph = fast_bigram and cuda_graph and device.type == "cuda"
     # Fused: one kernel for the whole AdamW update instead of a dozen small ones per step.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, fused=True, capturable=use_graph
     )
     generator = torch.Generator(device=device).manual_seed(config.seed)
     if use_graph:
+        assert isinstance(model, BigramLanguageModel)
         return CudaGraphStep(model, optimizer, tokens, config, generator)
-    if device.type == "cpu":
+    if fast_bigram and device.type == "cpu":
+        assert isinstance(model, BigramLanguageModel)
         return closed_form_step(model, optimizer, tokens, config, generator)
     return lecture_step(model, optimizer, tokens, config, generator)
 
@@ -263,6 +295,33 @@ def exact_losses(
         bigram_loss_from_counts(weights, train_counts).item(),
         bigram_loss_from_counts(weights, val_counts).item(),
     )
+
+
+@torch.no_grad()
+def estimated_losses(
+    model: GPTLanguageModel,
+    train_tokens: torch.Tensor,
+    val_tokens: torch.Tensor,
+    config: TrainParams,
+) -> tuple[float, float]:
+    """The lecture's estimate_loss: the mean loss of train.eval_iters random batches per split,
+    in eval mode (no dropout). The batches come from their own generator, seeded with
+    train.seed at every eval point, so the estimate draws nothing from the training's stream
+    and every point of the curve is measured on the same batches."""
+    was_training = model.training
+    model.eval()
+    try:
+        losses = []
+        for tokens in (train_tokens, val_tokens):
+            generator = torch.Generator(device=tokens.device).manual_seed(config.seed)
+            total = torch.zeros((), device=tokens.device)
+            for _ in range(config.eval_iters):
+                batch = get_batch(tokens, config.batch_size, config.block_size, generator)
+                total += model.batch_loss(*batch)
+            losses.append(total.item() / config.eval_iters)
+        return losses[0], losses[1]
+    finally:
+        model.train(was_training)
 
 
 def check_losses_finite(step: int, train_loss: float, val_loss: float, config: TrainParams) -> None:

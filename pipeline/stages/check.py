@@ -9,9 +9,10 @@ leaves even that in place when the check fails, and it holds the same bytes for 
 so that a valid change reruns only the stages that read the changed param.
 
 The rules that tie a param to the text (data.max_vocab_size, data.train_fraction,
-train.block_size) are checked too when the vocab stage's manifest is of the corpus data.sha256
-names: then the vocab stage will see exactly that text. For a new corpus they are checked by
-the vocab and train stages on the data itself. No MLflow run: nothing is computed here.
+train.block_size, and whether a GPT of the model section's sizes fits in memory) are checked
+too when the vocab stage's manifest is of the corpus data.sha256 names: then the vocab stage
+will see exactly that text. For a new corpus they are checked by the vocab and train stages on
+the data itself. No MLflow run: nothing is computed here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from pipeline.cli import stage_entry_point
 from pipeline.errors import PipelineError
 from pipeline.files import read_json, write_json
+from pipeline.lm.sizes import check_model_fits, machine_memory_bytes
 from pipeline.params import Params, check_against_corpus, load_params
 from pipeline.paths import CORPUS_PATH, MANIFEST_PATH, PARAMS_CHECKED_PATH
 
@@ -51,6 +53,7 @@ def main() -> None:
     if shape is not None:
         vocab_size, num_tokens = shape
         check_against_corpus(params, vocab_size, num_tokens, CORPUS_PATH)
+        check_model_fits(params, vocab_size, machine_memory_bytes())
     # The same bytes for any valid params: download, which depends on this file, reruns only for
     # its own params.
     write_json(PARAMS_CHECKED_PATH, {"params": "valid"})

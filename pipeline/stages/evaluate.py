@@ -3,14 +3,22 @@
 Writes metrics.json for `dvc metrics` and logs the same numbers into its own child run of the
 training run (found by model.pt's sha256) and adds them to the training run, plus a picture of
 the learned next-character table beside the one counted from the corpus
-(pipeline.lm.heatmap).
+(pipeline.lm.heatmap); a GPT's table is its prediction from the current character alone.
 
-- train_loss, val_loss: mean loss over every bigram of each split (exact).
+Every model is measured against the same baselines, so the table shows what context buys:
+
+- train_loss, val_loss: mean loss over every target of each split, exact. A bigram's comes
+  from the bigram counts; a GPT's from sliding windows (pipeline.lm.gpt.sliding_window_loss),
+  each target predicted from all the context the model takes, up to train.block_size
+  characters. A GPT's train_loss covers the first GPT_TRAIN_TOKENS tokens of the train split
+  (the whole split would take minutes on a CPU); its val_loss the whole val split.
+- train_bits_per_char, val_bits_per_char: the same losses in bits (nats / ln 2).
 - uniform_loss: ln(V), a uniform guess (4.1744 for V = 65).
 - val_improvement_over_uniform: uniform_loss - val_loss.
 - train_bigram_optimum: H(next | current) from the train split's bigram counts, the lowest
   train loss any bigram model can reach (2.4519 on Tiny Shakespeare): lower would be a bug.
-- train_gap_to_optimum: train_loss - train_bigram_optimum (>= 0).
+- train_gap_to_optimum: train_loss - train_bigram_optimum (>= 0 for a bigram; a GPT, which
+  sees more than one character, goes below).
 - val_counts_model_loss: val loss of the counting model, add-one smoothed train counts, the
   best a bigram estimated from the train split does on val in practice.
 """
@@ -26,7 +34,6 @@ from pipeline.cli import stage_entry_point
 from pipeline.determinism import pin_threads
 from pipeline.errors import PipelineError
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_json
-from pipeline.lm.bigram import load_model
 from pipeline.lm.counts import (
     bigram_counts,
     bigram_loss_from_counts,
@@ -35,7 +42,9 @@ from pipeline.lm.counts import (
     next_token_frequencies,
     uniform_loss,
 )
+from pipeline.lm.gpt import GPTLanguageModel, sliding_window_loss
 from pipeline.lm.heatmap import plot_next_char_probs
+from pipeline.lm.models import LanguageModel, load_model
 from pipeline.lm.tokens import load_encoded_corpus, to_device_tokens
 from pipeline.params import load_params
 from pipeline.paths import (
@@ -48,17 +57,39 @@ from pipeline.paths import (
 )
 from pipeline.tracking import lineage, runs
 
+# A GPT's train loss is over this many tokens at the start of the train split; the val loss
+# over the whole val split (111,540 tokens of Tiny Shakespeare).
+GPT_TRAIN_TOKENS = 100_000
+
+
+def exact_losses(
+    model: LanguageModel, splits: list[torch.Tensor], counts: list[torch.Tensor]
+) -> tuple[float, float]:
+    """The exact train and val losses (see the module's docstring)."""
+    if isinstance(model, GPTLanguageModel):
+        train_tokens, val_tokens = splits
+        return (
+            sliding_window_loss(model, train_tokens[:GPT_TRAIN_TOKENS]),
+            sliding_window_loss(model, val_tokens),
+        )
+    logits = model.token_embedding_table.weight.detach()
+    train_counts, val_counts = counts
+    return (
+        bigram_loss_from_counts(logits, train_counts).item(),
+        bigram_loss_from_counts(logits, val_counts).item(),
+    )
+
 
 def compute_metrics(
-    logits: torch.Tensor, train_counts: torch.Tensor, val_counts: torch.Tensor
+    train_loss: float, val_loss: float, train_counts: torch.Tensor, val_counts: torch.Tensor
 ) -> dict[str, float]:
-    vocab_size = logits.shape[0]
-    train_loss = bigram_loss_from_counts(logits, train_counts).item()
-    val_loss = bigram_loss_from_counts(logits, val_counts).item()
+    vocab_size = train_counts.shape[0]
     optimum = conditional_entropy(train_counts)
     return {
         "train_loss": train_loss,
         "val_loss": val_loss,
+        "train_bits_per_char": train_loss / math.log(2),
+        "val_bits_per_char": val_loss / math.log(2),
         "uniform_loss": uniform_loss(vocab_size),
         "val_improvement_over_uniform": uniform_loss(vocab_size) - val_loss,
         "train_bigram_optimum": optimum,
@@ -84,12 +115,11 @@ def main() -> None:
     params = load_params()
     chars, splits = load_encoded_corpus(VOCAB_PATH, (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH))
     model = load_model(MODEL_PATH, len(chars))
-    logits = model.token_embedding_table.weight.detach()
-    train_counts, val_counts = (
-        bigram_counts(to_device_tokens(tokens, "cpu"), len(chars)) for tokens in splits
-    )
+    tokens = [to_device_tokens(split, "cpu") for split in splits]
+    train_counts, val_counts = (bigram_counts(split, len(chars)) for split in tokens)
     # Before the run starts and before any output is removed: a bad model changes nothing.
-    metrics = compute_metrics(logits, train_counts, val_counts)
+    train_loss, val_loss = exact_losses(model, tokens, [train_counts, val_counts])
+    metrics = compute_metrics(train_loss, val_loss, train_counts, val_counts)
     check_metrics_finite(metrics)
     training_run = lineage.training_run_id(params, file_sha256(MODEL_PATH))
 

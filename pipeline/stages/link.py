@@ -9,7 +9,7 @@ restores every other stage from its run-cache, when no other code of ours runs:
   restores a model from its run-cache, this stage rewrites it. It is a top-level params file of
   dvc.yaml, not a stage output: no hash of it enters dvc.lock, so dvc.lock stays byte-identical
   from run to run and clone to clone, while `dvc exp show` lists the run id of every
-  experiment (see pipeline/run_record.py for how it enters each experiment's commit).
+  experiment (see pipeline/tracking/run_record.py for how it enters each experiment's commit).
 - Runs left RUNNING by a stage killed with SIGKILL (or the out-of-memory killer) on this host
   are ended KILLED, as any stage does when it starts; here this also happens when no stage runs.
 - A run.json whose run the store no longer holds (``mlflow.db`` deleted or replaced) is
@@ -23,7 +23,7 @@ restores every other stage from its run-cache, when no other code of ours runs:
   stage made of the model, with the aliases it got. Printed whenever run.json names a run,
   also on a no-op `dvc repro`, which is where a user who comes back finds the latest result.
   The run's experiment id and the version come from data/train/registered.json
-  (pipeline/run_record.py).
+  (pipeline/tracking/run_record.py).
 
 It must stay cheap, since it runs on every no-op `dvc repro`: when run_model.json gives
 run.json's run the model's sha256, registered.json names that run, the SQLite store holds that

@@ -14,8 +14,8 @@ workspace's model.
 
 data/register/sampling_defaults.json, the defaults the served model carries, is the stage's DVC
 output: the same bytes for the same ``sample`` params. The version and its aliases are not (the
-registry numbers versions), so they go to data/train/registered.json (pipeline/run_record.py),
-which the link stage's summary prints.
+registry numbers versions), so they go to data/train/registered.json
+(pipeline/tracking/run_record.py), which the link stage's summary prints.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import mlflow
 
 from pipeline.cli import stage_entry_point
 from pipeline.files import file_sha256, outputs_removed_on_failure, read_json
-from pipeline.lm.bigram import load_model
+from pipeline.lm.models import load_model
 from pipeline.lm.sampling import write_sampling_defaults
 from pipeline.lm.tokens import load_vocab
 from pipeline.params import load_params

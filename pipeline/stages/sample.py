@@ -11,7 +11,7 @@ import mlflow
 
 from pipeline.cli import stage_entry_point
 from pipeline.files import file_sha256, outputs_removed_on_failure, write_text
-from pipeline.lm.bigram import load_model
+from pipeline.lm.models import load_model
 from pipeline.lm.sampling import TextGenerator
 from pipeline.lm.tokens import load_vocab
 from pipeline.params import load_params

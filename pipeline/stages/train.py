@@ -1,10 +1,11 @@
-"""Stage 3, train: fit the bigram model; log its params and loss curve to MLflow.
+"""Stage 3, train: fit the model of model.type (bigram or gpt); log its params and loss curve.
 
 The loops themselves are in ``pipeline.lm.training``: ``method: minibatch`` is the lecture's AdamW
-loop, ``method: counts`` full-batch L-BFGS on the bigram counts. At every eval point the exact
-loss over the whole train and val splits is computed from their bigram counts (O(V^2)), instead
-of the lecture's estimate from 200 random batches; the loss is read back from the device only
-there, never per step.
+loop, ``method: counts`` full-batch L-BFGS on the bigram counts. At every eval point a bigram's
+loss over the whole train and val splits is computed exactly from their bigram counts (O(V^2)); a
+GPT's is the lecture's estimate, the mean of train.eval_iters random batches per split (the run's
+``loss_curve`` tag says which). The loss is read back from the device only there, never per step;
+the evaluate stage computes the GPT's exact losses.
 
 The run is named after the DVC experiment (``<branch>@<short commit>`` under a plain `dvc repro`)
 and tagged with the sha256 of model.pt, by which evaluate, sample and the link stage find it:
@@ -26,11 +27,14 @@ from tqdm import tqdm
 from pipeline.cli import stage_entry_point
 from pipeline.determinism import pin_threads
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
-from pipeline.lm.bigram import BigramLanguageModel, save_model
+from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.lm.counts import bigram_counts
+from pipeline.lm.models import LanguageModel, new_model, save_model
+from pipeline.lm.sizes import check_model_fits, machine_memory_bytes
 from pipeline.lm.tokens import load_encoded_corpus, to_device_tokens
 from pipeline.lm.training import (
     check_losses_finite,
+    estimated_losses,
     exact_losses,
     fit,
     out_of_memory_as_error,
@@ -67,20 +71,38 @@ def load_splits(
     return vocab, splits
 
 
+# The run's tag that says how its loss curve was measured.
+LOSS_CURVE_TAG = "loss_curve"
+
+
+def loss_curve_kind(model: LanguageModel, config: TrainParams) -> str:
+    if isinstance(model, BigramLanguageModel):
+        return "exact (every bigram of both splits, from the counts)"
+    return f"estimate (mean of {config.eval_iters} random batches per split; exact: evaluate)"
+
+
+def losses_at_eval_point(
+    model: LanguageModel, splits: dict[str, torch.Tensor], config: TrainParams
+) -> tuple[float, float]:
+    if isinstance(model, BigramLanguageModel):
+        return exact_losses(model, splits["train_counts"], splits["val_counts"])
+    return estimated_losses(model, splits["train_tokens"], splits["val_tokens"], config)
+
+
 def train_model(
-    model: BigramLanguageModel,
+    model: LanguageModel,
     splits: dict[str, torch.Tensor],
     config: TrainParams,
     datasets: dict,
 ) -> list[dict]:
-    """Fit the model; log the exact losses at every eval point; return the curve."""
+    """Fit the model; log its losses at every eval point; return the curve."""
     curve: list[dict] = []
     progress = tqdm(
         total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr
     )
 
     def on_eval(step: int) -> None:
-        train_loss, val_loss = exact_losses(model, splits["train_counts"], splits["val_counts"])
+        train_loss, val_loss = losses_at_eval_point(model, splits, config)
         check_losses_finite(step, train_loss, val_loss, config)
         curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
         lineage.log_losses(curve[-1], datasets)
@@ -91,12 +113,19 @@ def train_model(
     return curve
 
 
-def save_outputs(model: BigramLanguageModel, curve: list[dict]) -> None:
+def save_outputs(model: LanguageModel, curve: list[dict]) -> None:
     save_model(model, MODEL_PATH)
     with atomic_path(LOSS_CURVE_PATH) as tmp_path:
         pd.DataFrame(curve).to_csv(tmp_path, index=False)
     mlflow.log_artifact(str(LOSS_CURVE_PATH))
     mlflow.log_artifact(str(VOCAB_PATH))
+
+
+def device_memory(device: torch.device) -> tuple[int | None, str]:
+    """The memory a model trains in, and what it is called in an error."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1], f"the GPU {torch.cuda.get_device_name(device)}"
+    return machine_memory_bytes(), "this machine"
 
 
 def main() -> None:
@@ -113,16 +142,21 @@ def train_and_log(params: Params) -> None:
     device = resolve_device(config.device)
     vocab, splits = load_splits(device, params.data.max_vocab_size)
     check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
+    check_model_fits(params, len(vocab), *device_memory(device))
     datasets = lineage.training_datasets(params, corpus_sha256)
     torch.manual_seed(config.seed)
-    model = BigramLanguageModel(len(vocab)).to(device)
+    model = new_model(params, len(vocab)).to(device)
 
     with (
         runs.stage_run("train", params, run_name=runs.run_name(params)) as run,
         # Ctrl-C or an error after the model is saved must not leave it without its run.json.
         outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
     ):
-        run_tags = {"device": str(device), **rebuild.record(device)}
+        run_tags = {
+            "device": str(device),
+            LOSS_CURVE_TAG: loss_curve_kind(model, config),
+            **rebuild.record(device),
+        }
         lineage.log_training_inputs(params, corpus_sha256, run_tags, datasets)
         curve = train_model(model, splits, config, datasets)
         save_outputs(model, curve)

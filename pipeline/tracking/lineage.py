@@ -78,8 +78,10 @@ def log_training_inputs(
     """Params, tags, lineage and datasets of the active training run, so that a model can be
     traced to its data and code."""
     # The params training reads, named as DVC names them (`train.lr`, `data.name`); the sample
-    # params go on the register and sample stages' runs.
-    mlflow.log_params(params.flat("data", "train"))
+    # params go on the register and sample stages' runs. A bigram has no sizes: its runs show
+    # model.type alone, so that the runs table holds no GPT size that no model of the row has.
+    model = params.flat("model") if params.model.type != "bigram" else {"model.type": "bigram"}
+    mlflow.log_params({**params.flat("data"), **model, **params.flat("train")})
     run = active_run()
     experiment_id = run.info.experiment_id
     lineage = {

@@ -47,6 +47,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
 from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.models import LanguageModel
 from pipeline.lm.tokens import load_vocab
 from pipeline.params import Params
 from pipeline.paths import MODEL_PATH, VOCAB_PATH
@@ -82,7 +83,7 @@ class Registration:
 
 
 def log_and_register(
-    model: BigramLanguageModel,
+    model: LanguageModel,
     defaults_path: Path,
     params: Params,
     training_run: str,
@@ -175,7 +176,7 @@ def _pickle_warning_silenced() -> Iterator[None]:
 
 
 def log_pytorch_model(
-    model: BigramLanguageModel, defaults_path: Path, step: int, code_paths: list[str]
+    model: LanguageModel, defaults_path: Path, step: int, code_paths: list[str]
 ) -> str:
     """Log the model in MLflow's PyTorch format, with its vocabulary; returns its model id."""
     import mlflow.pytorch
@@ -188,11 +189,18 @@ def log_pytorch_model(
             # can .generate(); "pt2" would save only the traced forward pass.
             serialization_format="pickle",
             code_paths=code_paths,
-            extra_files=[str(VOCAB_PATH), str(defaults_path)],
+            extra_files=[str(VOCAB_PATH), str(defaults_path), *weights_file(model)],
             step=step,
             pip_requirements=pip_requirements(),
         )
     return info.model_id
+
+
+def weights_file(model: LanguageModel) -> list[str]:
+    """A GPT's PyTorch flavour carries model.pt too: the generate command reads only tensors
+    from a model, and takes a bigram's table from the pickle (bigram.load_logged_module), but
+    will not rebuild a GPT's many modules from one."""
+    return [] if isinstance(model, BigramLanguageModel) else [str(MODEL_PATH)]
 
 
 def log_text_generator(
@@ -224,8 +232,9 @@ def register_version(
 ) -> Registration:
     """Register the generator as a new version of the registered model; return it and its aliases.
 
-    The version is tagged with its metrics, ``version_tags`` and every ``train.*`` param of the
-    training run (named as the run logs them), and described in one line. The train params are
+    The version is tagged with its metrics, ``version_tags`` and every ``model.*`` and
+    ``train.*`` param of the training run (named as the run logs them), and described in one
+    line. The train params are
     read from the training run, not params.yaml: they are the ones the weights were trained
     with. The registry numbers versions itself: parallel trainings (``dvc queue start -j 4``)
     each get their own version, the SQL store retrying when two claim the same number.
@@ -233,7 +242,9 @@ def register_version(
     name = params.tracking.registered_model_name
     client = mlflow.MlflowClient()
     trained = client.get_run(training_run).data
-    train_params = {key: value for key, value in trained.params.items() if key.startswith("train.")}
+    train_params = {
+        key: value for key, value in trained.params.items() if key.startswith(("model.", "train."))
+    }
     tags = {
         **{key: f"{value:.6f}" for key, value in metrics.items()},
         **train_params,
@@ -251,7 +262,7 @@ def register_version(
             if key in train_params
         )
         description = (
-            f"Bigram model of training run {training_run}: "
+            f"{model_kind(train_params)} of training run {training_run}: "
             + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
             + f" after {train_params.get('train.max_iters', '?')} steps ({settings})"
         )
@@ -263,6 +274,17 @@ def register_version(
             f"cannot register the model as '{name}' (tracking.registered_model_name) in "
             f"{mlflow.get_registry_uri()}: {error.message.splitlines()[0]}"
         ) from None
+
+
+def model_kind(logged_params: dict[str, str]) -> str:
+    """ "Bigram model", or "GPT (3 layers, 4 heads, n_embd 32)", from a training run's params."""
+    if logged_params.get("model.type", "bigram") == "bigram":
+        return "Bigram model"
+    sizes = (
+        f"{logged_params.get('model.n_layer')} layers, {logged_params.get('model.n_head')} heads, "
+        f"n_embd {logged_params.get('model.n_embd')}"
+    )
+    return f"GPT ({sizes})"
 
 
 def create_version(

@@ -1,6 +1,6 @@
 """The pyfunc MLflow serves: prompts in (a DataFrame), generated texts out.
 
-``BigramTextModel`` holds the weights, the vocabulary and the training's sampling defaults, and
+``TextModel`` holds the weights, the vocabulary and the training's sampling defaults, and
 answers through pipeline.lm.sampling, as the sample stage and the generate command do. MLflow
 rebuilds it from served_model_entry.py (models-from-code) when the model is loaded or served;
 ``SIGNATURE`` and ``input_example`` are what registry logs with it.
@@ -20,7 +20,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
 from pipeline.errors import PipelineError
-from pipeline.lm.bigram import load_model
+from pipeline.lm.models import load_model
 from pipeline.lm.sampling import (
     Request,
     TextGenerator,
@@ -60,7 +60,7 @@ def input_example(chars: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"prompt": [prompt], "chars": [100]})
 
 
-class BigramTextModel(PythonModel):
+class TextModel(PythonModel):
     """Prompts in (a DataFrame with a ``prompt`` column), generated texts out."""
 
     def load_context(self, context) -> None:

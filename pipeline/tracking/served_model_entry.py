@@ -3,6 +3,6 @@ rebuild the model when it is loaded or served, instead of unpickling an object."
 
 from mlflow.models import set_model
 
-from pipeline.tracking.served_model import BigramTextModel
+from pipeline.tracking.served_model import TextModel
 
-set_model(BigramTextModel())
+set_model(TextModel())
