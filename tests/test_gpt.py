@@ -1,4 +1,5 @@
-"""Tests of pipeline/lm/gpt.py: attention both ways, causality, sizes, sampling, dropout, training."""
+"""The GPT (pipeline/lm/gpt.py): attention both ways, causality, sizes, sampling, dropout, training;
+and its place in the pipeline: exact losses, model files, the schedule, params, text."""
 
 from __future__ import annotations
 
@@ -8,13 +9,21 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pipeline.lm.gpt import GPTLanguageModel
+from pipeline.errors import PipelineError
+from pipeline.lm.gpt import GPTLanguageModel, sliding_window_loss
+from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.models import load_model, save_model
+from pipeline.lm.sampling import TextGenerator
 from pipeline.lm.sizes import (
     GPTConfig,
     activation_bytes,
+    check_model_fits,
     parameter_count,
     training_memory_bytes,
 )
+from pipeline.lm.training import learning_rate
+from pipeline.params import load_params
+from tests.support.params import load_error, write_params
 
 SMALL = GPTConfig(vocab_size=65, block_size=8, n_layer=3, n_head=4, n_embd=32)
 FULL = GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2)
@@ -247,3 +256,105 @@ def test_training_memory_counts_four_copies_of_the_parameters() -> None:
             FULL, batch
         )
     assert activation_bytes(FULL, 64) == 64 * activation_bytes(FULL, 1)
+
+
+# The GPT in the pipeline: exact losses, files, schedule, params, text ----------------------------
+
+
+def _per_target_losses(model: GPTLanguageModel, tokens: torch.Tensor, context: int) -> list[float]:
+    """Each target tokens[j] (j >= 1) predicted, one forward pass each, from the min(j, context)
+    tokens before it: what sliding_window_loss must add up."""
+    losses = []
+    for j in range(1, len(tokens)):
+        inputs = tokens[max(0, j - context) : j].unsqueeze(0)
+        logits = model.logits(inputs)[0, -1]
+        losses.append(torch.nn.functional.cross_entropy(logits, tokens[j]).item())
+    return losses
+
+
+def test_the_sliding_window_loss_counts_every_target_once_with_its_whole_context() -> None:
+    config = GPTConfig(vocab_size=11, block_size=5, n_layer=1, n_head=2, n_embd=8)
+    model = _perturbed(_model(config)).eval()
+    tokens = _tokens(config, 1, 23, seed=4)[0].to(torch.uint8)  # as the token files hold them
+    expected = _per_target_losses(model, tokens.long(), config.block_size)
+    assert sliding_window_loss(model, tokens) == pytest.approx(
+        sum(expected) / len(expected), rel=1e-6
+    )
+    # A wider stride: each target still counted once, from at least block_size - stride + 1.
+    strided = sliding_window_loss(model, tokens, stride=3)
+    assert strided != pytest.approx(sliding_window_loss(model, tokens), rel=1e-9)
+    assert math.isfinite(strided)
+
+
+def test_a_saved_gpt_gives_the_same_bytes_and_loads_as_the_same_model(tmp_path) -> None:
+    config = GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=8, dropout=0.1)
+    model = _perturbed(_model(config)).eval()
+    save_model(model, tmp_path / "a.pt")
+    save_model(model, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+    loaded = load_model(tmp_path / "a.pt", vocab_size=13)
+    assert isinstance(loaded, GPTLanguageModel) and loaded.config == config
+    inputs = _tokens(config, 2, 6)
+    assert torch.equal(loaded.eval().logits(inputs), model.logits(inputs))
+
+    with pytest.raises(PipelineError, match=r"a GPT of a vocabulary of 13 characters but the "):
+        load_model(tmp_path / "a.pt", vocab_size=12)
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_a_tenth() -> None:
+    config = lecture_train_params(lr=1e-3, max_iters=101, lr_schedule="cosine", warmup_iters=10)
+    assert learning_rate(0, config) == pytest.approx(1e-3 / 11)
+    assert learning_rate(9, config) == pytest.approx(1e-3 * 10 / 11)
+    assert learning_rate(10, config) == pytest.approx(1e-3)
+    assert learning_rate(100, config) == pytest.approx(1e-4)
+    rates = [learning_rate(i, config) for i in range(10, 101)]
+    assert rates == sorted(rates, reverse=True)
+    assert learning_rate(50, lecture_train_params(lr=3e-3)) == 3e-3  # constant: the lecture's
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"model.type": "gpt", "model.n_embd": 30, "model.n_head": 4},
+            "param 'model.n_embd' must be a multiple of model.n_head = 4 (each head gets "
+            "n_embd / n_head channels), got 30",
+        ),
+        (
+            {"model.type": "gpt", "train.method": "counts"},
+            "param 'train.method' must be minibatch for model.type gpt (counts fits a bigram's "
+            "table), got 'counts'",
+        ),
+        ({"model.type": "lstm"}, "param 'model.type' must be one of ('bigram', 'gpt'), got 'lstm'"),
+        ({"train.lr_schedule": "step"}, "param 'train.lr_schedule' must be one of"),
+        ({"train.warmup_iters": 5000}, "param 'train.warmup_iters' must be below train.max_iters"),
+    ],
+)
+def test_a_bad_model_param_is_one_line_naming_it(tmp_path, overrides, message) -> None:
+    path = write_params(tmp_path, **overrides)
+    assert load_error(path).startswith(f"{path}: {message}")
+
+
+def test_a_gpt_too_large_for_memory_is_refused_before_training(tmp_path) -> None:
+    params = load_params(
+        write_params(tmp_path, **{"model.type": "gpt", "model.n_embd": 8192, "model.n_layer": 64})
+    )
+    with pytest.raises(PipelineError) as refused:
+        check_model_fits(params, vocab_size=65, memory_bytes=24 * 10**9)
+    message = str(refused.value)
+    assert message.startswith("param 'model.n_embd' = 8192 with model.n_layer = 64, ")
+    assert "GB to train" in message and "above the 24.0 GB of this machine" in message
+    check_model_fits(load_params(write_params(tmp_path, **{"model.type": "gpt"})), 65, 10**9)
+
+
+def test_text_from_a_gpt_continues_the_prompts_last_block_of_characters(tmp_path) -> None:
+    chars = [chr(ord("a") + i) for i in range(11)]
+    config = GPTConfig(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    model = _perturbed(_model(config)).eval()
+    defaults = load_params(write_params(tmp_path)).sample
+    text = TextGenerator(model, chars, defaults).generate("abcdefg", 12, 1.0, seed=5)
+
+    context = torch.tensor([[3, 4, 5, 6]])  # "defg": the last block_size characters
+    tokens = model.generate(context, 12, generator=torch.Generator().manual_seed(5))
+    assert text == "abcdefg" + "".join(chars[i] for i in tokens[0, 4:].tolist())
