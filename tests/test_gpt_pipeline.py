@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from testbed import copy_trained_repo, run
+from testbed import copy_repo_with_store, run
 from tests.support.store import train_runs
 
 pytestmark = pytest.mark.e2e
@@ -36,10 +36,10 @@ PROMPT = "ROMEO:"
 
 @pytest.fixture(scope="module")
 def gpt_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str], str, str]:
-    """A copy of the trained repo after one `dvc exp run` of TINY_GPT: (repo, env, the
-    experiment's name, its stdout)."""
+    """A copy of the trained repo, its store too, after one `dvc exp run` of TINY_GPT: (repo,
+    env, the experiment's name, its stdout)."""
     trained, env = trained_repo
-    repo = copy_trained_repo(trained, tmp_path_factory.mktemp("gpt") / "repo")
+    repo = copy_repo_with_store(trained, tmp_path_factory.mktemp("gpt") / "repo")
     overrides = [arg for setting in TINY_GPT for arg in ("-S", setting)]
     result = run(["dvc", "exp", "run", "-n", "tiny-gpt", *overrides], repo, env)
     return repo, env, "tiny-gpt", result.stdout
@@ -58,7 +58,7 @@ def test_a_gpt_experiment_is_evaluated_exactly_against_the_same_baselines(gpt_ex
     assert metrics["val_loss"] < metrics["uniform_loss"]
     assert metrics["val_bits_per_char"] == pytest.approx(metrics["val_loss"] / math.log(2))
     assert metrics["train_bigram_optimum"] == pytest.approx(2.4519, abs=1e-4)
-    assert "registered gpt-shakespeare version 1 @challenger @champion" in stdout
+    assert "registered model gpt-shakespeare version 1 @challenger @champion" in stdout
 
     # The loss curve has both splits at every eval point, as the bigram's.
     curve = pd.read_csv(repo / "data/train/loss_curve.csv")
@@ -107,7 +107,7 @@ def test_each_family_has_its_own_registered_model_and_champion(gpt_experiment):
     client = client_for(repo)
     gpt = client.get_model_version_by_alias("gpt-shakespeare", "champion")
     bigram = client.get_model_version_by_alias("bigram-shakespeare", "champion")
-    assert gpt.version == "1" and bigram.version == "1"
+    assert str(gpt.version) == "1" and str(bigram.version) == "1"
     assert gpt.description.startswith("GPT (1 layers, 2 heads, n_embd 16) of training run ")
     assert bigram.description.startswith("Bigram model of training run ")
     assert gpt.tags["model.type"] == "gpt" and gpt.tags["model.n_embd"] == "16"
