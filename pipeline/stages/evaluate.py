@@ -9,9 +9,12 @@ Every model is measured against the same baselines, so the table shows what cont
 
 - train_loss, val_loss: mean loss over every target of each split, exact. A bigram's comes
   from the bigram counts; a GPT's from sliding windows (pipeline.lm.gpt.sliding_window_loss),
-  each target predicted from all the context the model takes, up to train.block_size
-  characters. A GPT's train_loss covers the first GPT_TRAIN_TOKENS tokens of the train split
-  (the whole split would take minutes on a CPU); its val_loss the whole val split.
+  each target counted once and predicted from the characters before it: all of them, up to
+  train.block_size, for a block of up to 8 (the lecture's); for longer blocks the windows
+  slide by an eighth of a block, and each target sees at least 7/8 of block_size characters
+  (the first window's, fewer), at an eighth of the cost. A GPT's train_loss covers the first
+  GPT_TRAIN_TOKENS tokens of the train split (the whole split would take minutes on a CPU);
+  its val_loss the whole val split.
 - train_bits_per_char, val_bits_per_char: the same losses in bits (nats / ln 2).
 - uniform_loss: ln(V), a uniform guess (4.1744 for V = 65).
 - val_improvement_over_uniform: uniform_loss - val_loss.
@@ -62,15 +65,22 @@ from pipeline.tracking import lineage, runs
 GPT_TRAIN_TOKENS = 100_000
 
 
+def window_stride(block_size: int) -> int:
+    """How far the evaluation windows slide: 1 (every target with its whole context) up to a
+    block of 8, an eighth of the block beyond."""
+    return max(1, block_size // 8)
+
+
 def exact_losses(
     model: LanguageModel, splits: list[torch.Tensor], counts: list[torch.Tensor]
 ) -> tuple[float, float]:
     """The exact train and val losses (see the module's docstring)."""
     if isinstance(model, GPTLanguageModel):
         train_tokens, val_tokens = splits
+        stride = window_stride(model.config.block_size)
         return (
-            sliding_window_loss(model, train_tokens[:GPT_TRAIN_TOKENS]),
-            sliding_window_loss(model, val_tokens),
+            sliding_window_loss(model, train_tokens[:GPT_TRAIN_TOKENS], stride),
+            sliding_window_loss(model, val_tokens, stride),
         )
     logits = model.token_embedding_table.weight.detach()
     train_counts, val_counts = counts
