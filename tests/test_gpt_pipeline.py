@@ -32,6 +32,7 @@ TINY_GPT = (
     "train.eval_iters=4",
 )
 PROMPT = "ROMEO:"
+GPT_OUTPUTS = ("data/train/model.pt", "data/train/loss_curve.csv")
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,13 @@ def test_every_form_of_the_gpt_generates_the_same_text(gpt_experiment):
     served = mlflow.pyfunc.load_model("models:/gpt-shakespeare@champion")
     request = pd.DataFrame({"prompt": [PROMPT], "chars": [40], "seed": [3]})
     assert served.predict(request) == [registered]
+
+
+def test_training_the_gpt_again_gives_the_same_bytes(gpt_experiment, tmp_path):
+    """On the CPU a GPT is as reproducible as the bigram: the train stage, forced to run again
+    on the experiment's params, writes a byte-identical model.pt and loss curve."""
+    repo, env, _, _ = gpt_experiment
+    copy = copy_repo_with_store(repo, tmp_path / "repo")
+    before = {path: (copy / path).read_bytes() for path in GPT_OUTPUTS}
+    run(["dvc", "repro", "--force", "--single-item", "train"], copy, env)
+    assert {path: (copy / path).read_bytes() for path in GPT_OUTPUTS} == before
