@@ -1,12 +1,13 @@
-"""Karpathy's character-level bigram language model as a DVC + MLflow pipeline.
+"""Karpathy's character-level bigram and GPT language models as a DVC + MLflow pipeline.
 
 Three sub-packages, by concern, over a few small base modules:
 
 - ``stages``: one module per DVC stage, run as ``python -m pipeline.stages.<stage>`` (see
   dvc.yaml): check -> download -> vocab -> train -> evaluate -> register -> sample, and link.
   No stage imports another.
-- ``lm``: the models and their maths (``bigram``, ``counts``, ``tokens``, ``training``,
-  ``lecture``, ``sampling``, ``heatmap``): no MLflow, no repository paths.
+- ``lm``: the models and their maths (``bigram``, ``gpt``, ``sizes``, ``models``, ``counts``,
+  ``tokens``, ``training``, ``lecture``, ``sampling``, ``heatmap``): no MLflow, no repository
+  paths.
 - ``tracking``: everything MLflow (``store``, ``processes``, ``runs``, ``lineage``,
   ``registry``, ``served_model``, ``served_model_entry``, ``rebuild``, ``run_record``).
 - base: ``params`` (typed, validated params.yaml), ``paths`` (every input and output path),

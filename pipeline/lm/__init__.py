@@ -1,6 +1,10 @@
 """The language models and their maths: tensors in, tensors out, no MLflow and no repo paths.
 
 - ``bigram``: the lecture's bigram model (a V x V table of next-token logits), saved and loaded.
+- ``gpt``: the lecture's GPT (fused attention beside the plain masked softmax), and its exact
+  loss over a whole split (``sliding_window_loss``); ``sizes``: a GPT's architecture and what
+  training it costs, without torch (the check stage reads it).
+- ``models``: both families behind one door: build from params, save, load, context length.
 - ``counts``: bigram counts and the exact losses they give (the optimum any bigram can reach).
 - ``tokens``: the vocabulary, the token files and the training batches drawn from them.
 - ``training``: the training loops: the lecture's step first, the fast steps beside it.
