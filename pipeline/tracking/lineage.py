@@ -31,24 +31,14 @@ if TYPE_CHECKING:
 
 
 DATASET_LOG_ATTEMPTS = 3
-
-
 # How a later stage finds the run that made its input: by the input's sha256, tagged on the run.
 # No run id enters a DVC-tracked file, so outputs stay byte-identical from run to run.
 MODEL_TAG = "model_sha256"
-
-
 MANIFEST_TAG = "manifest_sha256"
-
-
 CORPUS_TAG = "corpus_sha256"
-
-
 # On each registered version, with MODEL_TAG: the training run of its weights, and the sha256
 # of the sampling defaults it serves with (data/register/sampling_defaults.json).
 TRAINING_RUN_TAG = "training_run_id"
-
-
 SAMPLING_DEFAULTS_TAG = "sampling_defaults_sha256"
 
 

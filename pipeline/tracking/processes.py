@@ -23,11 +23,7 @@ if TYPE_CHECKING:
 
 # Which process runs a run, so that a later stage can end the runs of stages that were killed.
 HOST_TAG = "pipeline.host"
-
-
 PID_TAG = "pipeline.pid"
-
-
 # Where that pid means something: the boot, the pid namespace and the process's start time
 # (see run_process_has_gone).
 PROCESS_TAG = "pipeline.process"

@@ -55,20 +55,10 @@ from pipeline.tracking import rebuild
 from pipeline.tracking.served_model import SIGNATURE, input_example
 
 MODEL_ARTIFACT = "model"
-
-
 GENERATOR_ARTIFACT = "generator"
-
-
 CHAMPION = "champion"
-
-
 CHALLENGER = "challenger"
-
-
 DVC_EXPERIMENT_TAG = "dvc.exp_name"
-
-
 # The dvc.yaml stage that runs this module, whose code deps the logged models carry.
 REGISTER_STAGE = "register"
 
@@ -146,8 +136,6 @@ def pip_requirements() -> list[str]:
 
 # MLflow's warning on every PyTorch model it pickles; ours must be (see log_pytorch_model).
 PICKLE_WARNING_LOGGER = "mlflow.pytorch"
-
-
 PICKLE_WARNING_START = "Saving pytorch model by Pickle or CloudPickle format"
 
 

@@ -45,42 +45,22 @@ if TYPE_CHECKING:
 
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
-
-
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
-
-
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
-
-
 STORE_FILE = "mlflow.db"
-
-
 ARTIFACTS_DIR = "mlartifacts"
-
-
 # Queued experiments write to one SQLite file from several processes: wait for the lock
 # instead of failing with "database is locked".
 SQLITE_BUSY_TIMEOUT_S = 60
-
-
 # Long enough for a busy server's first API answer (the basic-auth app checks a password hash on
 # a loaded 2-core machine in seconds), short beside MLflow's own minutes of retries.
 SERVER_PROBE_TIMEOUT_S = 20
-
-
 # A real API call: a server's /health may answer while its backend store cannot serve.
 SERVER_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
-
-
 DATABASE_CONNECT_TIMEOUT_S = 5
-
-
 # Database stores MLflow opens through SQLAlchemy; the first two take libpq's and PyMySQL's
 # `connect_timeout`.
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
-
-
 TIMEOUT_SCHEMES = ("postgresql", "mysql")
 
 
@@ -155,8 +135,6 @@ def repo_artifacts_uri() -> str:
 
 # Where `mlflow ui` serves by default.
 LOCAL_UI_URL = "http://127.0.0.1:5000"
-
-
 # The query that makes MLflow's UI lay a page out for model training. MLflow 3.17's UI picks the
 # layout (its "GenAI / Model training" switch) from this query, else from what the browser last
 # chose (localStorage `mlflow.workflowType_v1`), else GenAI: never from the experiment's kind tag.
@@ -501,11 +479,7 @@ def _probe_database(uri: str) -> None:
 # API and for UIs that read it. MLflow 3.17's own UI does not: its layout follows the page's
 # query or the browser (MODEL_TRAINING_VIEW), whatever the tag says.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-
-
 MODEL_TRAINING_KIND = "custom_model_development"
-
-
 MODEL_TRAINING_TAGS = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
 
 
