@@ -8,11 +8,12 @@
 ``model.pt`` written by the train stage (default ``data/train/model.pt``, its vocabulary from
 ``--vocab``). URIs are looked up in the project's MLflow store: ``mlflow.db`` at the repository
 root, or ``$MLFLOW_TRACKING_URI``. MLflow models carry their own vocabulary. The output is the
-prompt followed by the generated characters. ``--chars``, ``--temperature`` and ``--seed``
-default to the model's sampling defaults, whose ``max_chars`` bounds ``--chars``: the ``sample``
-params stored with an MLflow model at training, or params.yaml's for a ``model.pt`` (see
-pipeline.lm.sampling). A model fetched from the store goes to a temporary directory that is removed
-once the model is in memory, whether loading works or not; a ``file:`` URI is read in place.
+prompt followed by the generated characters. ``--chars``, ``--temperature``, ``--seed`` and
+``--top-k`` default to the model's sampling defaults, whose ``max_chars`` bounds ``--chars``:
+the ``sample`` params stored with an MLflow model at registration, or params.yaml's for a
+``model.pt`` (see pipeline.lm.sampling). A model fetched from the store goes to a temporary
+directory that is removed once the model is in memory, whether loading works or not; a
+``file:`` URI is read in place.
 
 A model source is data, never code: from any form of a model only tensors (through torch's
 tensors-only unpickler) and JSON files are read, each inside the model's directory; no pickle
@@ -65,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _Parser(
         prog="python -m pipeline.generate",
-        description="Continue a prompt with a trained bigram model.",
+        description="Continue a prompt with a trained bigram or GPT model.",
     )
     parser.add_argument(
         "--model",
@@ -78,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chars", type=int, help=f"characters to generate {from_model}")
     parser.add_argument("--temperature", type=float, help=f"sampling temperature {from_model}")
     parser.add_argument("--seed", type=int, help=f"sampling seed {from_model}")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        help=f"draw from the k most likely characters only, 0: off {from_model}",
+    )
     parser.add_argument(
         "--vocab",
         type=Path,
@@ -288,7 +294,7 @@ def model_file(root: Path, relative: object, source: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     generator = load_generator(args.model, args.vocab)
-    request = generator.request(args.prompt, args.chars, args.temperature, args.seed)
+    request = generator.request(args.prompt, args.chars, args.temperature, args.seed, args.top_k)
     write_output(generator.complete(request) + "\n")
 
 

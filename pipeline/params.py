@@ -198,6 +198,8 @@ class SampleParams:
         POSITIVE,
         (f"at most {MAX_CHARS_LIMIT:,} (to fit in memory)", lambda value: value <= MAX_CHARS_LIMIT),
     )
+    # 0: draw from every character; k: from the k most likely only (renormalised).
+    top_k: int = param(("an integer >= 0 (0: off)", lambda value: value >= 0), default=0)
 
     def joint_checks(self) -> Iterator[Check]:
         yield (

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.lm.gpt import GPTLanguageModel, sliding_window_loss
 from pipeline.lm.lecture import lecture_train_params
 from pipeline.lm.models import load_model, save_model
@@ -329,6 +330,7 @@ def test_the_cosine_schedule_warms_up_then_decays_to_a_tenth() -> None:
         ({"model.type": "lstm"}, "param 'model.type' must be one of ('bigram', 'gpt'), got 'lstm'"),
         ({"train.lr_schedule": "step"}, "param 'train.lr_schedule' must be one of"),
         ({"train.warmup_iters": 5000}, "param 'train.warmup_iters' must be below train.max_iters"),
+        ({"sample.top_k": -1}, "param 'sample.top_k' must be an integer >= 0 (0: off), got -1"),
     ],
 )
 def test_a_bad_model_param_is_one_line_naming_it(tmp_path, overrides, message) -> None:
@@ -358,3 +360,23 @@ def test_text_from_a_gpt_continues_the_prompts_last_block_of_characters(tmp_path
     context = torch.tensor([[3, 4, 5, 6]])  # "defg": the last block_size characters
     tokens = model.generate(context, 12, generator=torch.Generator().manual_seed(5))
     assert text == "abcdefg" + "".join(chars[i] for i in tokens[0, 4:].tolist())
+
+
+def test_top_k_one_is_greedy_for_either_model_whatever_the_seed(tmp_path) -> None:
+    chars = [chr(ord("a") + i) for i in range(11)]
+    defaults = load_params(write_params(tmp_path)).sample
+    gpt = _perturbed(_model(GPTConfig(vocab_size=11, block_size=4, n_layer=1, n_head=2, n_embd=8)))
+    torch.manual_seed(0)
+    bigram = BigramLanguageModel(11)
+    for model in (gpt.eval(), bigram):
+        generator = TextGenerator(model, chars, defaults)
+        texts = {generator.generate("abc", 20, 1.0, seed, top_k=1) for seed in (1, 2, 3)}
+        assert len(texts) == 1, model
+        assert len({generator.generate("abc", 20, 1.0, seed) for seed in (1, 2, 3)}) == 3
+    # The bigram's greedy text follows the argmax of each character's row.
+    text = TextGenerator(bigram, chars, defaults).generate("a", 10, 1.0, seed=1, top_k=1)
+    best_next = bigram.next_token_probs().argmax(dim=-1).tolist()
+    assert all(
+        chars.index(after) == best_next[chars.index(before)]
+        for before, after in zip(text, text[1:], strict=False)
+    )

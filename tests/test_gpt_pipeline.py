@@ -114,9 +114,9 @@ def test_each_family_has_its_own_registered_model_and_champion(gpt_experiment):
     assert gpt.tags["model.type"] == "gpt" and gpt.tags["model.n_embd"] == "16"
 
 
-def generate(repo: Path, env: dict[str, str], model: str) -> str:
+def generate(repo: Path, env: dict[str, str], model: str, *flags: str) -> str:
     command = [sys.executable, "-m", "pipeline.generate", "--model", model]
-    args = ["--prompt", PROMPT, "--chars", "40", "--seed", "3"]
+    args = ["--prompt", PROMPT, "--chars", "40", "--seed", "3", *flags]
     result = subprocess.run(
         [*command, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=120
     )
@@ -143,6 +143,10 @@ def test_every_form_of_the_gpt_generates_the_same_text(gpt_experiment):
     served = mlflow.pyfunc.load_model("models:/gpt-shakespeare@champion")
     request = pd.DataFrame({"prompt": [PROMPT], "chars": [40], "seed": [3]})
     assert served.predict(request) == [registered]
+    # top_k, off by default, is a column of the request and a flag of the command.
+    greedy = generate(repo, env, "models:/gpt-shakespeare@champion", "--top-k", "1")
+    assert greedy != registered
+    assert served.predict(request.assign(top_k=[1], seed=[4])) == [greedy]
 
 
 def test_training_the_gpt_again_gives_the_same_bytes(gpt_experiment, tmp_path):

@@ -79,8 +79,10 @@ class BigramLanguageModel(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        top_k: int = 0,
     ) -> torch.Tensor:
         """Extend each row of idx (B, T) by max_new_tokens sampled tokens; returns (B, T + n).
+        With top_k > 0 each draw is among the top_k most likely next tokens only.
 
         The next token depends only on the last one, so the cumulative probability table is
         computed once and each draw is a binary search of the current token's row at a
@@ -88,7 +90,12 @@ class BigramLanguageModel(nn.Module):
         lecture's generate does) is O(n^2). The draws run in plain Python over lists, as one
         tensor op per step costs more than the whole draw at this size (V = 65).
         """
-        cumulative = self.next_token_probs(temperature).double().cumsum(dim=-1).tolist()
+        probs = self.next_token_probs(temperature).double()
+        if 0 < top_k < self.vocab_size:
+            kept = torch.zeros_like(probs, dtype=torch.bool)
+            kept.scatter_(1, probs.topk(top_k, dim=-1).indices, True)
+            probs = probs.where(kept, 0.0)  # each draw below scales to its row's total
+        cumulative = probs.cumsum(dim=-1).tolist()
         device = generator.device if generator is not None else torch.device("cpu")
         uniforms = torch.rand(
             idx.shape[0], max_new_tokens, generator=generator, device=device, dtype=torch.float64

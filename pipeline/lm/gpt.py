@@ -170,8 +170,10 @@ class GPTLanguageModel(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        top_k: int = 0,
     ) -> torch.Tensor:
         """Extend each row of idx (B, T) by max_new_tokens sampled tokens; returns (B, T + n).
+        With top_k > 0 each draw is among the top_k most likely next tokens only.
 
         Each step feeds the last block_size tokens back in and samples from the last position's
         distribution. Sampling runs in eval mode (the mode is restored after), so that dropout
@@ -184,6 +186,9 @@ class GPTLanguageModel(nn.Module):
             for _ in range(max_new_tokens):
                 context = idx[:, -self.config.block_size :]
                 last_logits = self.logits(context)[:, -1, :] / temperature
+                if 0 < top_k < last_logits.shape[-1]:
+                    kth = last_logits.topk(top_k, dim=-1).values[:, -1:]
+                    last_logits = last_logits.masked_fill(last_logits < kth, float("-inf"))
                 probs = F.softmax(last_logits, dim=-1)
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator)
                 idx = torch.cat([idx, next_token], dim=1)

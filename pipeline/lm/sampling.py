@@ -54,7 +54,8 @@ def read_sampling_defaults(path: Path) -> SampleParams:
         raise PipelineError(f"{path} is not a file of sampling defaults ({reason})") from None
     if not isinstance(values, dict):
         raise PipelineError(f"{path} is not a file of sampling defaults (not a JSON object)")
-    return build_section(SampleParams, "sample", values, path)
+    # Models registered before sample.top_k existed sample from every character.
+    return build_section(SampleParams, "sample", {"top_k": 0, **values}, path)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TextGenerator:
         num_chars: Any = None,
         temperature: Any = None,
         seed: Any = None,
+        top_k: Any = None,
     ) -> Request:
         """A checked request, its missing fields (None) taken from the defaults."""
         defaults = self.defaults
@@ -79,6 +81,7 @@ class TextGenerator:
             defaults.temperature if temperature is None else temperature,
             defaults.seed if seed is None else seed,
             defaults.max_chars,
+            defaults.top_k if top_k is None else top_k,
         )
 
     def encode(self, text: str) -> list[int]:
@@ -94,9 +97,13 @@ class TextGenerator:
         return [index[char] for char in text]
 
     def complete(self, request: Request) -> str:
-        return self.generate(request.prompt, request.num_chars, request.temperature, request.seed)
+        return self.generate(
+            request.prompt, request.num_chars, request.temperature, request.seed, request.top_k
+        )
 
-    def generate(self, prompt: str, num_chars: int, temperature: float, seed: int) -> str:
+    def generate(
+        self, prompt: str, num_chars: int, temperature: float, seed: int, top_k: int = 0
+    ) -> str:
         """The prompt followed by num_chars sampled characters (seeded: same seed, same text).
 
         The model sees as much of the prompt's end as it can use: a bigram its last character,
@@ -109,7 +116,7 @@ class TextGenerator:
         context = torch.tensor([context_ids], dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
         tokens = self.model.generate(
-            context, num_chars, temperature=temperature, generator=generator
+            context, num_chars, temperature=temperature, generator=generator, top_k=top_k
         )
         return prompt + "".join(self.chars[i] for i in tokens[0, len(context_ids) :].tolist())
 
@@ -125,10 +132,11 @@ class Request:
     num_chars: int
     temperature: float
     seed: int
+    top_k: int = 0
 
 
 def checked_request(
-    prompt: Any, num_chars: Any, temperature: Any, seed: Any, max_chars: int
+    prompt: Any, num_chars: Any, temperature: Any, seed: Any, max_chars: int, top_k: Any = 0
 ) -> Request:
     """Check the type and range of every field before any work, whoever sent them.
 
@@ -157,7 +165,10 @@ def checked_request(
     checked_seed = _integer(seed, "seed")
     if not 0 <= checked_seed < MAX_SEED:
         raise PipelineError(f"seed must be an integer in [0, 2**63), got {checked_seed}")
-    return Request(prompt, chars, float(temperature), checked_seed)
+    checked_top_k = _integer(top_k, "top_k")
+    if checked_top_k < 0:
+        raise PipelineError(f"top_k must be 0 (off) or more, got {checked_top_k}")
+    return Request(prompt, chars, float(temperature), checked_seed, checked_top_k)
 
 
 def check_row_count(rows: int) -> None:
@@ -182,8 +193,8 @@ def check_total(requests: Sequence[Request], max_chars: int) -> None:
     if prompt_chars > MAX_PROMPT_CHARS:
         raise PipelineError(
             f"prompts of {prompt_chars:,} characters in {len(requests)} rows, above the limit "
-            f"of {MAX_PROMPT_CHARS:,} (pipeline.lm.sampling.MAX_PROMPT_CHARS); a bigram model only "
-            "reads a prompt's last character, so shorten the prompts or split the request"
+            f"of {MAX_PROMPT_CHARS:,} (pipeline.lm.sampling.MAX_PROMPT_CHARS); a model reads at "
+            "most a prompt's last block of characters, so shorten the prompts or split the request"
         )
 
 

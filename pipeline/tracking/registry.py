@@ -10,8 +10,8 @@ register stage's deps as their code. The generator is registered in the Model Re
     mlflow models serve -m models:/bigram-shakespeare@champion --env-manager local
 
 answers ``POST /invocations`` with ``{"dataframe_records": [{"prompt": "ROMEO:", "chars": 200}]}``
-by ``{"predictions": ["ROMEO:..."]}``. The columns ``chars``, ``temperature`` and ``seed`` are
-optional; their defaults, and the ``max_chars`` bound, are the training's ``sample`` params.
+by ``{"predictions": ["ROMEO:..."]}``. The columns ``chars``, ``temperature``, ``seed`` and
+``top_k`` are optional; their defaults, and the ``max_chars`` bound, are the ``sample`` params.
 ``max_chars`` bounds the characters of the whole request, all rows together; a request holds at
 most ``pipeline.lm.sampling.MAX_REQUEST_ROWS`` rows (1,000) and prompts of ``MAX_PROMPT_CHARS``
 characters in all, so that a request within the limits answers in seconds. A bad value in any

@@ -41,6 +41,7 @@ SIGNATURE = ModelSignature(
             ColSpec(AnyType(), "chars", required=False),
             ColSpec(AnyType(), "temperature", required=False),
             ColSpec(AnyType(), "seed", required=False),
+            ColSpec(AnyType(), "top_k", required=False),
         ]
     ),
     outputs=Schema([ColSpec("string")]),
@@ -91,6 +92,7 @@ class TextModel(PythonModel):
             self._value(row, "temperature", batch, defaults.temperature),
             self._value(row, "seed", batch, defaults.seed),
             defaults.max_chars,
+            self._value(row, "top_k", batch, defaults.top_k),
         )
 
     @staticmethod
