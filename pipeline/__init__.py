@@ -24,9 +24,10 @@ import sys
 
 from pipeline.determinism import pin_environment
 
-# `python -m pipeline.<stage>` (sys.argv[0] is "-m" while Python finds the module): a stage is a
-# short process that loads MLflow and torch, about 1,800 modules, in seconds. A stop signal in
-# that time is one line and exit 130, and the stage ends with the dvc process that runs it.
+# `python -m pipeline.stages.<stage>` (sys.argv[0] is "-m" while Python finds the module): a
+# stage is a short process that loads MLflow and torch, about 1,800 modules, in seconds. A stop
+# signal in that time is one line and exit 130, and the stage ends with the dvc process that
+# runs it.
 # The garbage collector's passes over the modules' objects while they load free nothing;
 # pipeline.cli.stage_entry_point turns it back on once the stage's imports are done.
 if sys.argv[:1] == ["-m"]:

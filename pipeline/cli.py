@@ -5,7 +5,7 @@ takes no arguments and ends with the process that runs it.
 A stop signal is one line and exit 130 at every moment of a stage's life:
 
 - while its modules load (``stop_cleanly_while_loading``, called by pipeline/__init__.py for
-  `python -m pipeline.<stage>`): nothing has been written yet, so the stage exits at once;
+  `python -m pipeline.stages.<stage>`): nothing has been written yet, so the stage exits at once;
 - while main() runs: it unwinds, so that the MLflow run ends KILLED and outputs are removed;
 - once main() has returned: the work is done and its outputs complete, so the signal is
   ignored and the stage exits 0. The interpreter's shutdown (torch's and MLflow's teardown)
@@ -67,7 +67,7 @@ def quiet_mlflow_by_default() -> None:
     """Set QUIET_MLFLOW's defaults in this process (and its children), before MLflow loads.
 
     Called when this module loads: pipeline/__init__.py imports it first in a stage process
-    (`python -m pipeline.<stage>`), before the stage's own imports load MLflow.
+    (`python -m pipeline.stages.<stage>`), before the stage's own imports load MLflow.
     """
     for name, value in QUIET_MLFLOW.items():
         os.environ.setdefault(name, value)

@@ -61,7 +61,7 @@ def test_an_unknown_flag_is_a_usage_error_not_a_run(tmp_path: Path):
 
 
 def stage_processes(repo: Path, stage: str) -> list[int]:
-    """The ids of the processes running `python -m pipeline.<stage>` in repo."""
+    """The ids of the processes running `python -m pipeline.stages.<stage>` in repo."""
     found = []
     for proc in Path("/proc").iterdir():
         try:

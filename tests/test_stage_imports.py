@@ -2,7 +2,7 @@
 
 Every stage runs for real, in `dvc repro`'s order, in a copy of the trained repo with a fresh
 MLflow store (download fetches the corpus, train trains and registers a model, evaluate draws
-its heatmap, ...), each as `python -m pipeline.<stage>` in the repo, but started through
+its heatmap, ...), each as `python -m pipeline.stages.<stage>` in the repo, but started through
 RECORDER, which runs the module exactly as `-m` does (runpy._run_module_as_main) and writes at
 exit, to a JSON file:
 

@@ -62,7 +62,7 @@ def read_sampling_defaults(path: Path) -> SampleParams:
 class TextGenerator:
     model: LanguageModel
     chars: list[str]
-    # What a request leaves out: the sample params the model was trained beside.
+    # What a request leaves out: the sample params the model was registered with.
     defaults: SampleParams
 
     def request(

@@ -5,9 +5,9 @@ served model's defaults, the registry name and the serving code) never retrains 
 `dvc exp run -S sample.temperature=0.8` reruns this stage and sample, and registers a new version
 holding the same weights and the new defaults.
 
-The two flavours (pipeline.serving) are logged into the stage's own child run of the training
-run (found by model.pt's sha256), beside evaluate's metrics at the training's last step, which
-MLflow then links to the logged models. The version is tagged with the training run
+The two flavours (pipeline.tracking.registry) are logged into the stage's own child run of the
+training run (found by model.pt's sha256), beside evaluate's metrics at the training's last step,
+which MLflow then links to the logged models. The version is tagged with the training run
 (``training_run_id``), whose params and loss curve it was made with, and with the sha256 of the
 weights and of the defaults, by which the link stage finds the version that serves exactly the
 workspace's model.

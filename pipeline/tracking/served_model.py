@@ -67,7 +67,7 @@ class TextModel(PythonModel):
     def load_context(self, context) -> None:
         chars = load_vocab(Path(context.artifacts["vocab"]))
         model = load_model(Path(context.artifacts["weights"]), len(chars))
-        # The training's sample params, an artifact rather than a model_config, which MLflow
+        # The registered sample params, an artifact rather than a model_config, which MLflow
         # would log again as unprefixed run params.
         defaults = read_sampling_defaults(Path(context.artifacts["defaults"]))
         self.generator = TextGenerator(model, chars, defaults)
