@@ -94,10 +94,11 @@ def test_mlflow_records_the_gpt_by_its_params_and_says_how_its_curve_was_measure
         "model.dropout": "0.0",
     }
     assert gpt.data.params["train.eval_iters"] == "4"
-    assert gpt.data.tags["loss_curve"].startswith("estimate (mean of 4 random batches per split")
+    note = gpt.data.tags["mlflow.note.content"]  # the run's description, on its page
+    assert note.startswith("Loss curve: the lecture's estimate, the mean of 4 random batches")
     # The bigram's run names no GPT size, and its curve is exact.
     assert [key for key in bigram.data.params if key.startswith("model.")] == ["model.type"]
-    assert bigram.data.tags["loss_curve"].startswith("exact")
+    assert bigram.data.tags["mlflow.note.content"].startswith("Loss curve: exact, every bigram")
     # evaluate's exact losses are the run's latest, as `dvc exp show` shows them.
     metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
     assert gpt.data.metrics["val_loss"] == pytest.approx(metrics["val_loss"], rel=1e-12)

@@ -273,9 +273,11 @@ def test_a_plain_repro_run_is_named_and_logs_each_param_once_as_dvc_names_it(tra
     (training,) = runs_of(repo, "train")
     commit = run(["git", "rev-parse", "--short", "HEAD~1"], repo, env).stdout.strip()
     assert training.info.run_name == f"main@{commit}"
-    # The params training reads; the sample params, the served model's, on register and sample.
+    # The params training reads (of the model section, a bigram's only param: model.type); the
+    # sample params, the served model's, on register and sample.
     names = param_names(repo)
-    assert set(training.data.params) == {n for n in names if n.startswith(("data.", "train."))}
+    read = {n for n in names if n.startswith(("data.", "train."))} | {"model.type"}
+    assert set(training.data.params) == read
     assert training.data.params["train.seed"] == "7" and "lr" not in training.data.params
     for stage in ("register", "sample"):
         (child,) = runs_of(repo, stage)

@@ -4,7 +4,7 @@ The loops themselves are in ``pipeline.lm.training``: ``method: minibatch`` is t
 loop, ``method: counts`` full-batch L-BFGS on the bigram counts. At every eval point a bigram's
 loss over the whole train and val splits is computed exactly from their bigram counts (O(V^2)); a
 GPT's is the lecture's estimate, the mean of train.eval_iters random batches per split (the run's
-``loss_curve`` tag says which). The loss is read back from the device only there, never per step;
+description says which). The loss is read back from the device only there, never per step;
 the evaluate stage computes the GPT's exact losses.
 
 The run is named after the DVC experiment (``<branch>@<short commit>`` under a plain `dvc repro`)
@@ -22,6 +22,7 @@ import sys
 import mlflow
 import pandas as pd
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from tqdm import tqdm
 
 from pipeline.cli import stage_entry_point
@@ -71,14 +72,14 @@ def load_splits(
     return vocab, splits
 
 
-# The run's tag that says how its loss curve was measured.
-LOSS_CURVE_TAG = "loss_curve"
-
-
-def loss_curve_kind(model: LanguageModel, config: TrainParams) -> str:
+def loss_curve_note(model: LanguageModel, config: TrainParams) -> str:
+    """The run's description (on its page, not a column of the runs table): what its curve is."""
     if isinstance(model, BigramLanguageModel):
-        return "exact (every bigram of both splits, from the counts)"
-    return f"estimate (mean of {config.eval_iters} random batches per split; exact: evaluate)"
+        return "Loss curve: exact, every bigram of both splits, from the counts."
+    return (
+        f"Loss curve: the lecture's estimate, the mean of {config.eval_iters} random batches per "
+        "split (train.eval_iters); the final train_loss and val_loss are exact (evaluate)."
+    )
 
 
 def losses_at_eval_point(
@@ -154,7 +155,7 @@ def train_and_log(params: Params) -> None:
     ):
         run_tags = {
             "device": str(device),
-            LOSS_CURVE_TAG: loss_curve_kind(model, config),
+            MLFLOW_RUN_NOTE: loss_curve_note(model, config),
             **rebuild.record(device),
         }
         lineage.log_training_inputs(params, corpus_sha256, run_tags, datasets)
