@@ -69,10 +69,12 @@ def pins_description() -> str:
     return " ".join(f"{name}={value}" for name, value in PINNED_ENVIRONMENT.items())
 
 
-def pin_threads() -> None:
-    """One torch thread, for a stage that computes with torch (train, evaluate): the order of a
-    parallel float sum depends on the thread count. Bigram tensors are too small to gain from
-    threads. torch is imported here, by a stage that has loaded it, never before the pins."""
+def pin_threads(threads: int = 1) -> None:
+    """A fixed number of torch threads for a stage that computes with torch: the order of a
+    parallel float sum depends on the thread count, so the same count gives the same bytes.
+    One by default (bigram tensors are too small to gain from threads); training takes
+    train.threads, which a GPT's matmuls gain from. torch is imported here, by a stage that has
+    loaded it, never before the pins."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)

@@ -121,7 +121,7 @@ def check_metrics_finite(metrics: dict[str, float]) -> None:
 
 
 def main() -> None:
-    pin_threads()
+    pin_threads()  # one thread: the exact losses must not depend on train.threads
     params = load_params()
     chars, splits = load_encoded_corpus(VOCAB_PATH, (TRAIN_TOKENS_PATH, VAL_TOKENS_PATH))
     model = load_model(MODEL_PATH, len(chars))

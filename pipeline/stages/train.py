@@ -130,8 +130,8 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
 
 
 def main() -> None:
-    pin_threads()
     params = load_params()
+    pin_threads(params.train.threads)
     # A failed allocation anywhere in training (counts, batches, optimizer state) is one line.
     with out_of_memory_as_error(params.train):
         train_and_log(params)
