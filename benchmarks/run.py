@@ -27,6 +27,8 @@ TARGETS = (
     "stage-cost",
     "turnaround",
     "kernels",
+    "gpt-training",
+    "gpt-overhead",
 )
 
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from benchmarks import compute, kernels, stages, turnaround
+    from benchmarks import compute, gpt, kernels, stages, turnaround
     from benchmarks.measure import format_table, machine_summary
     from benchmarks.workload import find_corpus, load_workload
 
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
             corpus, scratch, args.threads, 2 if args.quick else turnaround.QUEUED_EXPERIMENTS
         ),
         "kernels": lambda: kernels.kernel_rows(corpus, max(1, args.repeats // 2)),
+        "gpt-training": lambda: gpt.training_rows(work, args.quick, max(1, args.repeats // 2)),
+        "gpt-overhead": lambda: gpt.overhead_rows(work, corpus, scratch, args.threads, args.quick),
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bigram-bench-") as scratch_name:

@@ -13,6 +13,7 @@ from pipeline.errors import PipelineError
 from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.lm.gpt import GPTLanguageModel, sliding_window_loss
 from pipeline.lm.lecture import lecture_train_params
+from pipeline.lm.lecture_gpt import ReferenceGPT
 from pipeline.lm.models import load_model, save_model
 from pipeline.lm.sampling import TextGenerator
 from pipeline.lm.sizes import (
@@ -85,6 +86,23 @@ def test_fast_and_plain_attention_agree_on_logits_and_gradients() -> None:
     assert fast_gradients.keys() == plain_gradients.keys() == dict(model.named_parameters()).keys()
     for name, gradient in fast_gradients.items():
         torch.testing.assert_close(gradient, plain_gradients[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_lecture_gpt_computes_what_ours_does_with_the_same_weights() -> None:
+    # The benchmarks' lecture-style loop is a fair peer only if it is the same function.
+    config = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32)
+    ours = _perturbed(_model(config)).eval()
+    lecture = ReferenceGPT(config).eval()
+    lecture.copy_weights_from(ours)
+    inputs, targets = _tokens(config, 3, 16, seed=1), _tokens(config, 3, 16, seed=2)
+
+    our_logits, our_loss = ours(inputs, targets)
+    lecture_logits, lecture_loss = lecture(inputs, targets)
+
+    assert our_logits.std() > 0.1
+    torch.testing.assert_close(lecture_logits, our_logits.view(-1, 65), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lecture_loss, our_loss, atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in lecture.parameters()) == ours.num_parameters()
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -331,6 +349,7 @@ def test_the_cosine_schedule_warms_up_then_decays_to_a_tenth() -> None:
         ({"train.lr_schedule": "step"}, "param 'train.lr_schedule' must be one of"),
         ({"train.warmup_iters": 5000}, "param 'train.warmup_iters' must be below train.max_iters"),
         ({"sample.top_k": -1}, "param 'sample.top_k' must be an integer >= 0 (0: off), got -1"),
+        ({"train.threads": 0}, "param 'train.threads' must be a positive integer, got 0"),
     ],
 )
 def test_a_bad_model_param_is_one_line_naming_it(tmp_path, overrides, message) -> None:

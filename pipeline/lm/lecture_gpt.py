@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.lm import gpt
 from pipeline.lm.gpt import GPTLanguageModel
 from pipeline.lm.sizes import GPTConfig
 
@@ -101,9 +102,10 @@ class ReferenceGPT(nn.Module):
                 self.state_dict()[name].copy_(tensor)
         head_size = self.config.n_embd // self.config.n_head
         for block, theirs in zip(self.blocks, model.blocks, strict=True):
-            assert isinstance(block, Block)
+            assert isinstance(block, Block) and isinstance(theirs, gpt.Block)
             queries, keys, values = theirs.attn.qkv.weight.split(self.config.n_embd)
             for h, head in enumerate(block.sa.heads):
+                assert isinstance(head, Head)
                 rows = slice(h * head_size, (h + 1) * head_size)
                 head.query.weight.copy_(queries[rows])
                 head.key.weight.copy_(keys[rows])
@@ -178,6 +180,8 @@ def train_with_estimates(
     estimates = []
     for step in range(0, max_iters, eval_interval):
         estimates.append(estimate_loss(model, splits, batch_size, eval_iters))
-        train_steps(model, optimizer, splits["train"], min(eval_interval, max_iters - step), batch_size)
+        train_steps(
+            model, optimizer, splits["train"], min(eval_interval, max_iters - step), batch_size
+        )
     estimates.append(estimate_loss(model, splits, batch_size, eval_iters))
     return estimates
