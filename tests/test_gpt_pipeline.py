@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from testbed import copy_repo_with_store, run
+from testbed import VENV_BIN, copy_repo_with_store, free_port, run
+from tests.support.servers import background, request_json
 from tests.support.store import train_runs
 
 pytestmark = pytest.mark.e2e
@@ -148,6 +149,34 @@ def test_every_form_of_the_gpt_generates_the_same_text(gpt_experiment):
     greedy = generate(repo, env, "models:/gpt-shakespeare@champion", "--top-k", "1")
     assert greedy != registered
     assert served.predict(request.assign(top_k=[1], seed=[4])) == [greedy]
+
+
+def test_mlflow_models_serve_answers_from_the_gpt_champion(gpt_experiment):
+    """The registered GPT behind a real `mlflow models serve`: over HTTP it gives the text of
+    MLflow's loader, seeded, with top_k as a column, and refuses a bad field with HTTP 400."""
+    repo, env, _, _ = gpt_experiment
+    client_for(repo)
+    expected = mlflow.pyfunc.load_model("models:/gpt-shakespeare@champion").predict(
+        pd.DataFrame(
+            {"prompt": [PROMPT, PROMPT], "chars": [30, 30], "seed": [5, 5], "top_k": [0, 3]}
+        )
+    )
+    port = free_port()
+    serve_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    serve = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/gpt-shakespeare@champion"]
+    serve += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    with background(serve, f"http://127.0.0.1:{port}/ping", repo / "serve.log", serve_env):
+        url = f"http://127.0.0.1:{port}/invocations"
+        records = [
+            {"prompt": PROMPT, "chars": 30, "seed": 5, "top_k": 0},
+            {"prompt": PROMPT, "chars": 30, "seed": 5, "top_k": 3},
+        ]
+        status, body = request_json(url, {"dataframe_records": records})
+        assert status == 200, body
+        assert json.loads(body)["predictions"] == list(expected)
+        assert expected[0] != expected[1]
+        status, body = request_json(url, {"dataframe_records": [{"prompt": 5}]})
+        assert status == 400 and "prompt must be a string" in json.loads(body)["message"]
 
 
 def test_training_the_gpt_again_gives_the_same_bytes(gpt_experiment, tmp_path):
