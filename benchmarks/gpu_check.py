@@ -7,7 +7,9 @@ and the lecture's reference, and reads the corpus from the pipeline's data/raw/i
 
 1. the CUDA tests (tests/test_cuda.py);
 2. steps/s of the lecture's loop, of our eager CUDA step and of our CUDA-graph step, on one GPU;
-3. the final exact losses of a default 3000-step run on the GPU against the same run on the CPU.
+3. the final exact losses of a default 3000-step run on the GPU against the same run on the CPU;
+4. the full GPT (benchmarks/gpt_gpu.py): tokens/s and MFU in float32, bf16 and bf16 compiled,
+   then the lecture's 5000-step run, or as many steps as fit in --gpt-seconds, and its val loss.
 
 On a machine without CUDA it says so and skips all three. It exits non-zero when a test fails.
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import gpt_gpu
 from benchmarks.measure import REPO_ROOT, Row, format_table, interleaved_medians, machine_summary
 from benchmarks.workload import Workload, find_corpus, load_workload
 from pipeline.lm import lecture
@@ -146,11 +149,25 @@ def default_run_rows(work: Workload) -> list[Row]:
     ]
 
 
+def gpt_rows(work: Workload, steps: int, seconds_budget: float) -> list[Row]:
+    cuda = torch.device("cuda")
+    config, train = gpt_gpu.full_gpt(work.vocab_size)
+    rows, fastest = gpt_gpu.throughput_rows(work, config, train, cuda, steps)
+    print(format_table(rows), flush=True)
+    return rows + gpt_gpu.full_run_rows(work, config, train, cuda, seconds_budget, fastest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
     parser.add_argument("--corpus", help="Tiny Shakespeare (default: data/raw/input.txt)")
     parser.add_argument("--steps", type=int, default=3000, help="steps per steps/s measurement")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--gpt-steps", type=int, default=100, help="steps per full-GPT tokens/s measurement"
+    )
+    parser.add_argument(
+        "--gpt-seconds", type=float, default=150, help="the full GPT run's time budget"
+    )
     parser.add_argument("--output", type=Path, help="also write the report (Markdown) here")
     args = parser.parse_args(argv)
 
@@ -162,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     tests_passed = run_cuda_tests()
     work = load_workload(find_corpus(args.corpus))
     rows = step_rate_rows(work, args.steps, args.repeats) + default_run_rows(work)
+    print(format_table(rows), flush=True)  # the bigram's rows survive a GPT part cut short
+    rows += gpt_rows(work, args.gpt_steps, args.gpt_seconds)
     report = "\n".join(
         [
             summary,

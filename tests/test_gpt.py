@@ -399,3 +399,37 @@ def test_top_k_one_is_greedy_for_either_model_whatever_the_seed(tmp_path) -> Non
         chars.index(after) == best_next[chars.index(before)]
         for before, after in zip(text, text[1:], strict=False)
     )
+
+
+def test_the_gpu_checks_gpt_part_runs_at_a_tiny_size_on_the_cpu(shakespeare_corpus) -> None:
+    """`make gpu-check`'s GPT rows (benchmarks/gpt_gpu.py) run where a GPU is lent for minutes:
+    the code path is proven here, on the CPU (no compile), at a size that trains in seconds."""
+    from benchmarks import gpt_gpu
+    from benchmarks.workload import load_workload
+
+    work = load_workload(shakespeare_corpus)
+    full, train = gpt_gpu.full_gpt(work.vocab_size)
+    assert (full.n_layer, full.n_head, full.n_embd, full.block_size, full.dropout) == (
+        6,
+        6,
+        384,
+        256,
+        0.2,
+    )
+    tiny = GPTConfig(work.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.2)
+    tiny_train = lecture_train_params(
+        batch_size=4, block_size=16, max_iters=60, eval_interval=20, lr=3e-3, eval_iters=2
+    )
+    cpu = torch.device("cpu")
+    rows, fastest = gpt_gpu.throughput_rows(work, tiny, tiny_train, cpu, steps=5)
+    assert [row.measure.split(" (")[0] for row in rows] == [
+        "tokens/s, float32, eager",
+        "tokens/s, bf16 autocast, eager",
+        "tokens/s, bf16 autocast, torch.compile",
+    ]
+    assert all(float(row.ours.split(";")[0].replace(",", "")) > 0 for row in rows)
+    assert fastest["compile_model"] is False  # never compiled on a CPU
+    (wall, losses) = gpt_gpu.full_run_rows(work, tiny, tiny_train, cpu, 1e9, fastest, 5)
+    assert wall.measure.startswith("the lecture's run, 60 of 60 steps")
+    estimate, exact = (float(x) for x in losses.ours.split(";")[0].split(" / "))
+    assert 2.0 < exact < 4.0 and 2.0 < estimate < 4.0  # it learned something, not everything
