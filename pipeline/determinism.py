@@ -51,6 +51,7 @@ def pinned_environment(avx2: bool) -> dict[str, str]:
         # bigram does no matrix products; the pin keeps those a model adds reproducible).
         "MKL_CBWR": "AVX2" if avx2 else "COMPATIBLE",
         # One thread in each of torch's pools: how a parallel sum is split depends on the count.
+        # The train stage then sets train.threads (pin_threads), a param for the same reason.
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
