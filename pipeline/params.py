@@ -137,7 +137,7 @@ class TrainParams:
     # (the lecture's estimate_loss). A bigram's curve is exact, from its counts.
     eval_iters: int = param(POSITIVE, default=200)
     # torch's CPU threads while training. Float sums depend on the count, so it is a param: the
-    # same count gives the same bytes. A GPT's matmuls run about 1.4x faster on 2 threads than on
+    # same count gives the same bytes. A GPT's matmuls run about 1.5x faster on 2 threads than on
     # 1 (baby GPT, 2 cores: benchmarks/gpt.py); a bigram gains nothing.
     threads: int = param(POSITIVE, default=1)
 
