@@ -23,7 +23,7 @@ from tqdm import tqdm
 from benchmarks.measure import Row, fmt_seconds, interleaved_medians, run_child
 from benchmarks.stages import child_env
 from benchmarks.workload import Workload
-from pipeline.lm import lecture_gpt
+from pipeline.lm import lecture, lecture_gpt
 from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.lm.gpt import GPTLanguageModel
 from pipeline.lm.lecture import lecture_train_params
@@ -149,8 +149,9 @@ def _throughput_rows(
         torch.manual_seed(config.seed)
         model = lecture_gpt.ReferenceGPT(gpt)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-        lecture_gpt.estimate_loss(model, splits, config.batch_size, config.eval_iters)
-        lecture_gpt.train_steps(model, optimizer, work.reference_train, steps, config.batch_size)
+        sizes = {"batch_size": config.batch_size, "block_size": config.block_size}
+        lecture.estimate_loss(model, splits, config.eval_iters, **sizes)
+        lecture.train_steps(model, optimizer, work.reference_train, steps, **sizes)
 
     def our_loop() -> None:
         model = _new_gpt(gpt, config)

@@ -65,13 +65,15 @@ def stacked_batch(
     tokens: torch.Tensor,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    batch_size: int = BATCH_SIZE,
+    block_size: int = BLOCK_SIZE,
 ):
     """(B, T) inputs and targets, one Python slice per row, as the lecture draws them; the
     tokens stay on the CPU and each batch is copied to the device. The lecture draws from the
     global generator; tests pass their own to compare batch for batch with the pipeline."""
-    starts = torch.randint(len(tokens) - BLOCK_SIZE, (BATCH_SIZE,), generator=generator)
-    inputs = torch.stack([tokens[start : start + BLOCK_SIZE] for start in starts])
-    targets = torch.stack([tokens[start + 1 : start + BLOCK_SIZE + 1] for start in starts])
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+    inputs = torch.stack([tokens[start : start + block_size] for start in starts])
+    targets = torch.stack([tokens[start + 1 : start + block_size + 1] for start in starts])
     return inputs.to(device), targets.to(device)
 
 
@@ -99,15 +101,18 @@ class ReferenceBigram(nn.Module):
 
 
 def train_steps(
-    model: ReferenceBigram,
+    model: nn.Module,
     optimizer,
     train_tokens: torch.Tensor,
     steps: int,
     device="cpu",
     generator: torch.Generator | None = None,
+    batch_size: int = BATCH_SIZE,
+    block_size: int = BLOCK_SIZE,
 ):
+    """The lecture's loop, for its bigram or its GPT (pipeline/lm/lecture_gpt.py)."""
     for _ in range(steps):
-        inputs, targets = stacked_batch(train_tokens, device, generator)
+        inputs, targets = stacked_batch(train_tokens, device, generator, batch_size, block_size)
         _, loss = model(inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,10 +121,12 @@ def train_steps(
 
 @torch.no_grad()
 def estimate_loss(
-    model: ReferenceBigram,
+    model: nn.Module,
     splits: dict[str, torch.Tensor],
     eval_iters: int = EVAL_ITERS,
     device: torch.device | str = "cpu",
+    batch_size: int = BATCH_SIZE,
+    block_size: int = BLOCK_SIZE,
 ) -> dict[str, float]:
     """Mean loss over eval_iters random batches per split, each loss read back to the host."""
     model.eval()
@@ -127,7 +134,8 @@ def estimate_loss(
     for name, tokens in splits.items():
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            _, loss = model(*stacked_batch(tokens, device))
+            batch = stacked_batch(tokens, device, batch_size=batch_size, block_size=block_size)
+            _, loss = model(*batch)
             losses[k] = loss.item()
         estimates[name] = losses.mean().item()
     model.train()

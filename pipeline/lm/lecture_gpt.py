@@ -5,9 +5,10 @@ what pipeline/lm/gpt.py computes (``copy_weights_from`` maps one model's weights
 No stage imports it.
 
 It keeps what the pipeline's GPT improves on: one module per attention head, each with its own
-key, query and value layers (3 * n_head small matmuls per block instead of one), attention as
-a masked softmax always, batches stacked row by row in Python (pipeline/lm/lecture.py's), and
-``estimate_loss`` from 200 random batches per split with a host read per batch.
+key, query and value layers (3 * n_head small matmuls per block instead of one), and attention
+as a masked softmax always. It trains and is estimated by pipeline/lm/lecture.py's loop
+(``train_steps``, ``estimate_loss``: batches stacked row by row in Python, a host read per
+estimated batch), given the GPT's batch and block sizes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from torch import nn
 from pipeline.lm import gpt
 from pipeline.lm.gpt import GPTLanguageModel
 from pipeline.lm.sizes import GPTConfig
-
-EVAL_ITERS = 200
 
 
 class Head(nn.Module):
@@ -121,67 +120,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-def stacked_batch(tokens: torch.Tensor, batch_size: int, block_size: int):
-    """(B, T) inputs and targets, one Python slice per row, from the global generator."""
-    starts = torch.randint(len(tokens) - block_size, (batch_size,))
-    inputs = torch.stack([tokens[start : start + block_size] for start in starts])
-    targets = torch.stack([tokens[start + 1 : start + block_size + 1] for start in starts])
-    return inputs, targets
-
-
-def train_steps(
-    model: ReferenceGPT,
-    optimizer: torch.optim.Optimizer,
-    tokens: torch.Tensor,
-    steps: int,
-    batch_size: int,
-) -> None:
-    for _ in range(steps):
-        inputs, targets = stacked_batch(tokens, batch_size, model.config.block_size)
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-
-@torch.no_grad()
-def estimate_loss(
-    model: ReferenceGPT,
-    splits: dict[str, torch.Tensor],
-    batch_size: int,
-    eval_iters: int = EVAL_ITERS,
-) -> dict[str, float]:
-    """Mean loss over eval_iters random batches per split, each loss read back to the host."""
-    model.eval()
-    estimates = {}
-    for name, tokens in splits.items():
-        losses = torch.zeros(eval_iters)
-        for k in range(eval_iters):
-            _, loss = model(*stacked_batch(tokens, batch_size, model.config.block_size))
-            losses[k] = loss.item()
-        estimates[name] = losses.mean().item()
-    model.train()
-    return estimates
-
-
-def train_with_estimates(
-    model: ReferenceGPT,
-    splits: dict[str, torch.Tensor],
-    max_iters: int,
-    eval_interval: int,
-    batch_size: int,
-    lr: float,
-    eval_iters: int = EVAL_ITERS,
-) -> list[dict[str, float]]:
-    """gpt.py's loop: AdamW, an estimate every eval_interval steps and after the last one."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    estimates = []
-    for step in range(0, max_iters, eval_interval):
-        estimates.append(estimate_loss(model, splits, batch_size, eval_iters))
-        train_steps(
-            model, optimizer, splits["train"], min(eval_interval, max_iters - step), batch_size
-        )
-    estimates.append(estimate_loss(model, splits, batch_size, eval_iters))
-    return estimates
