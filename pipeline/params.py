@@ -32,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 TRAIN_METHODS = ("minibatch", "counts")
 MODEL_TYPES = ("bigram", "gpt")
 LR_SCHEDULES = ("constant", "cosine")
+KEEP = ("last", "best")
 MAX_SEED = 2**63  # Every torch and numpy generator takes seeds in [0, 2**63).
 # Upper bounds that keep a typo from becoming an allocator traceback or a run of years.
 # A batch costs about 60 bytes per token in training: 2**24 tokens take 1 GB.
@@ -140,6 +141,12 @@ class TrainParams:
     # same count gives the same bytes. A GPT's matmuls run about 1.5x faster on 2 threads than on
     # 1 (baby GPT, 2 cores: benchmarks/gpt.py); a bigram gains nothing.
     threads: int = param(POSITIVE, default=1)
+    # A checkpoint (model, optimizer, RNG states, curve) at every this many eval points, from
+    # which a killed train stage resumes exactly; each is a logged model of the run. 0: none.
+    checkpoint_every: int = param(("an integer >= 0", lambda value: value >= 0), default=1)
+    # What the stage outputs: the model of the last step, or of the eval point with the lowest
+    # val loss (a GPT's: the estimate).
+    keep: str = param((f"one of {KEEP}", lambda value: value in KEEP), default="last")
 
     def joint_checks(self) -> Iterator[Check]:
         yield (

@@ -33,6 +33,10 @@ LOSS_CURVE_PATH = DATA_DIR / "train" / "loss_curve.csv"
 # Written by train and by link; a top-level params file of dvc.yaml, not a stage output.
 RUN_INFO_PATH = DATA_DIR / "train" / "run.json"
 
+# Not an output: the train stage's checkpoints, one file per params, data and code it was made
+# from, kept until its training completes (pipeline/stages/train.py says why outside the outs).
+CHECKPOINT_DIR = Path("checkpoints")
+
 # evaluate
 METRICS_PATH = DATA_DIR / "evaluate" / "metrics.json"
 PROBS_PLOT_PATH = DATA_DIR / "evaluate" / "next_char_probs.png"

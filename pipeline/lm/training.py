@@ -6,6 +6,11 @@ matrix, which is all its loss depends on. Both call ``on_eval(step)`` at every e
 the caller computes a bigram's exact losses from the counts (``exact_losses``) or a GPT's
 estimate from random batches (``estimated_losses``, the lecture's estimate_loss).
 
+Everything a loop changes besides the model is in one ``TrainingState`` (the optimizer, the
+generator of the batches, torch's global generator, the next step): a caller that saves it with
+the model at an eval point, and passes it back in, continues the run exactly where it stopped
+(pipeline.lm.checkpoints).
+
 A minibatch step is the lecture's (``lecture_step``: batch, loss, zero_grad, backward, step)
 or, for a bigram at a constant learning rate, one of two equivalents beside it, chosen in
 ``choose_step``: on the CPU the gradient of the batch's loss in closed form instead of by
@@ -20,6 +25,8 @@ import math
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -38,6 +45,60 @@ TrainStep = Callable[[], None]
 LINE_SEARCH_EVALS = 25
 
 
+@dataclass
+class TrainingState:
+    """What a run needs besides the model to go on exactly where it stopped: the optimizer
+    (AdamW's moments, or L-BFGS's history), the generator that draws the batches, torch's
+    global generator (dropout's masks) and the step to run next."""
+
+    optimizer: torch.optim.Optimizer
+    batches: torch.Generator
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.batches.get_state(),
+            "global_rng": torch.get_rng_state(),
+        }
+        if self.batches.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.batches.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.set_state(state["batches"])
+        torch.set_rng_state(state["global_rng"])
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.batches.device)
+
+
+def new_training_state(
+    model: LanguageModel, config: TrainParams, device: torch.device, cuda_graph: bool = True
+) -> TrainingState:
+    """A run's state at step 0: its optimizer by train.method, and the batches' generator
+    seeded with train.seed."""
+    if config.method == "counts":
+        optimizer: torch.optim.Optimizer = lbfgs(model)
+    else:
+        # Fused: one kernel for the whole AdamW update instead of a dozen small ones per step.
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=config.lr,
+            fused=True,
+            capturable=uses_cuda_graph(model, config, device, cuda_graph),
+        )
+    return TrainingState(optimizer, torch.Generator(device=device).manual_seed(config.seed))
+
+
+def lbfgs(model: LanguageModel) -> torch.optim.LBFGS:
+    return torch.optim.LBFGS(
+        model.parameters(), lr=1.0, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+
 def fit(
     model: LanguageModel,
     train_tokens: torch.Tensor,
@@ -45,13 +106,15 @@ def fit(
     config: TrainParams,
     on_eval: EvalCallback,
     progress: tqdm,
+    state: TrainingState | None = None,
 ) -> None:
-    """Train by config.method: the lecture's minibatch loop, or L-BFGS on the bigram counts."""
+    """Train by config.method: the lecture's minibatch loop, or L-BFGS on the bigram counts;
+    from ``state`` (a checkpoint's) when given, else from step 0."""
     if config.method == "counts":
         assert isinstance(model, BigramLanguageModel)  # params refuse counts for a GPT
-        train_on_counts(model, train_counts, config, on_eval, progress)
+        train_on_counts(model, train_counts, config, on_eval, progress, state)
     else:
-        train_minibatch(model, train_tokens, config, on_eval, progress)
+        train_minibatch(model, train_tokens, config, on_eval, progress, state=state)
 
 
 def train_minibatch(
@@ -61,23 +124,40 @@ def train_minibatch(
     on_eval: EvalCallback,
     progress: tqdm,
     cuda_graph: bool = True,
+    state: TrainingState | None = None,
 ) -> None:
     """The lecture's loop: AdamW on random batches, one step at a time; on_eval(step) at each
     eval point. The step is the lecture's (lecture_step) or one of its faster equivalents,
-    chosen by choose_step.
+    chosen by choose_step. ``state.step`` is kept at the step about to run, so that on_eval
+    can save the state.
 
     The loss is never read back per step, so between eval points the device never waits for
     Python.
     """
-    step = choose_step(model, train_tokens, config, cuda_graph)
-    evals = set(eval_steps(config.max_iters, config.eval_interval))
+    if state is None:
+        state = new_training_state(model, config, train_tokens.device, cuda_graph)
+    step = choose_step(model, train_tokens, config, state, cuda_graph)
+    evals = set(evals_to_come(config, state))
     model.train()  # dropout on; on_eval may switch it off, and must switch it back
-    for iteration in range(config.max_iters):
+    progress.update(state.step)
+    for iteration in range(state.step, config.max_iters):
+        state.step = iteration
         if iteration in evals:
             on_eval(iteration)
         step()
         progress.update()
+    state.step = config.max_iters
     on_eval(config.max_iters)
+
+
+def evals_to_come(config: TrainParams, state: TrainingState) -> list[int]:
+    """The eval points from state.step on. A run resumed from a checkpoint has evaluated the
+    checkpoint's own step already: checkpoints are taken at eval points, after the eval."""
+    return [
+        step
+        for step in eval_steps(config.max_iters, config.eval_interval)
+        if step > state.step or step == 0
+    ]
 
 
 def lecture_step(
@@ -86,10 +166,11 @@ def lecture_step(
     tokens: torch.Tensor,
     config: TrainParams,
     generator: torch.Generator,
+    first_iteration: int = 0,
 ) -> TrainStep:
     """The lecture's step: a random batch, its loss, zero_grad, backward, an optimizer step
     (at the learning rate train.lr_schedule gives the step)."""
-    iteration = 0
+    iteration = first_iteration
 
     def step() -> None:
         nonlocal iteration
@@ -145,28 +226,37 @@ def closed_form_step(
     return step
 
 
+def is_fast_bigram(model: LanguageModel, config: TrainParams) -> bool:
+    """A bigram at a constant learning rate, the case the faster steps are made for."""
+    return isinstance(model, BigramLanguageModel) and config.lr_schedule == "constant"
+
+
+def uses_cuda_graph(
+    model: LanguageModel, config: TrainParams, device: torch.device, cuda_graph: bool
+) -> bool:
+    return is_fast_bigram(model, config) and cuda_graph and device.type == "cuda"
+
+
 def choose_step(
-    model: LanguageModel, tokens: torch.Tensor, config: TrainParams, cuda_graph: bool
+    model: LanguageModel,
+    tokens: torch.Tensor,
+    config: TrainParams,
+    state: TrainingState,
+    cuda_graph: bool,
 ) -> TrainStep:
     """The one place a step is chosen: for a bigram at a constant learning rate, closed form on
     a CPU and a replayed CUDA graph on CUDA (unless cuda_graph is False); the lecture's own step
-    for a GPT and elsewhere (MPS, eager CUDA, a schedule). All draw the same batches from one
-    generator seeded with train.seed."""
+    for a GPT and elsewhere (MPS, eager CUDA, a schedule). All draw the same batches from
+    state's generator, seeded with train.seed."""
     device = tokens.device
-    fast_bigram = isinstance(model, BigramLanguageModel) and config.lr_schedule == "constant"
-    use_graph = fast_bigram and cuda_graph and device.type == "cuda"
-    # Fused: one kernel for the whole AdamW update instead of a dozen small ones per step.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, fused=True, capturable=use_graph
-    )
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    if use_graph:
+    optimizer, generator = state.optimizer, state.batches
+    if uses_cuda_graph(model, config, device, cuda_graph):
         assert isinstance(model, BigramLanguageModel)
         return CudaGraphStep(model, optimizer, tokens, config, generator)
-    if fast_bigram and device.type == "cpu":
+    if is_fast_bigram(model, config) and device.type == "cpu":
         assert isinstance(model, BigramLanguageModel)
         return closed_form_step(model, optimizer, tokens, config, generator)
-    return lecture_step(model, optimizer, tokens, config, generator)
+    return lecture_step(model, optimizer, tokens, config, generator, state.step)
 
 
 class CudaGraphStep:
@@ -239,6 +329,7 @@ def train_on_counts(
     config: TrainParams,
     on_eval: EvalCallback,
     progress: tqdm,
+    state: TrainingState | None = None,
 ) -> None:
     """Full-batch L-BFGS on the exact train loss; max_iters bounds its iterations.
 
@@ -247,7 +338,10 @@ def train_on_counts(
     takes a few hundred iterations, so later calls return almost at once.
     """
     weights = model.token_embedding_table.weight
-    optimizer = torch.optim.LBFGS([weights], lr=1.0, history_size=20, line_search_fn="strong_wolfe")
+    if state is None:
+        state = TrainingState(lbfgs(model), torch.Generator(device=weights.device))
+    optimizer = state.optimizer
+    assert isinstance(optimizer, torch.optim.LBFGS)  # new_training_state's for counts
     counts = train_counts.to(weights.dtype)
 
     def closure() -> torch.Tensor:
@@ -257,8 +351,14 @@ def train_on_counts(
         return loss
 
     evals = eval_steps(config.max_iters, config.eval_interval)
+    to_come = evals_to_come(config, state)
+    progress.update(state.step)
     for start, stop in zip(evals, evals[1:], strict=False):
-        on_eval(start)
+        if stop <= state.step:
+            continue
+        state.step = start
+        if start in to_come:
+            on_eval(start)
         # max_eval bounds loss evaluations, line searches included: LBFGS's default (1.25 per
         # iteration) would stop a run of a few iterations in its first line search.
         optimizer.param_groups[0].update(
@@ -266,6 +366,7 @@ def train_on_counts(
         )
         optimizer.step(closure)
         progress.update(stop - start)
+    state.step = config.max_iters
     on_eval(config.max_iters)
 
 

@@ -13,11 +13,23 @@ no run id enters a file DVC hashes. data/train/run.json, which `dvc exp show` li
 Logging the model for serving and registering it is the register stage's job
 (pipeline/stages/register.py), so training reads only the data and train params, and a change to
 serving never retrains.
+
+Checkpoints: at every train.checkpoint_every-th eval point the run's whole state is saved to
+checkpoints/ (pipeline.lm.checkpoints) and its weights logged as a logged model of the run. A
+stage killed in any way, SIGKILL included, resumes from its last checkpoint at the next
+`dvc repro` or `dvc exp run` of the same params, data and code, and ends with the same bytes.
+The folder is outside the stage's outs on purpose: DVC deletes outs before it reruns a stage
+and caches every version of them, so a checkpoint there would be gone when it is needed, or
+fill the cache. A completed training deletes its checkpoint. train.keep: best outputs the
+weights of the eval point with the lowest val loss instead of the last step's.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -29,20 +41,24 @@ from pipeline.cli import stage_entry_point
 from pipeline.determinism import pin_threads
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
 from pipeline.lm.bigram import BigramLanguageModel
+from pipeline.lm.checkpoints import Best, Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.lm.counts import bigram_counts
 from pipeline.lm.models import LanguageModel, new_model, save_model
 from pipeline.lm.sizes import check_model_fits, machine_memory_bytes
 from pipeline.lm.tokens import load_encoded_corpus, to_device_tokens
 from pipeline.lm.training import (
+    TrainingState,
     check_losses_finite,
     estimated_losses,
     exact_losses,
     fit,
+    new_training_state,
     out_of_memory_as_error,
     resolve_device,
 )
 from pipeline.params import Params, TrainParams, check_block_size, load_params
 from pipeline.paths import (
+    CHECKPOINT_DIR,
     LOSS_CURVE_PATH,
     MANIFEST_FIELDS,
     MANIFEST_PATH,
@@ -52,7 +68,7 @@ from pipeline.paths import (
     VAL_TOKENS_PATH,
     VOCAB_PATH,
 )
-from pipeline.tracking import lineage, rebuild, run_record, runs
+from pipeline.tracking import checkpoints, lineage, rebuild, run_record, runs
 
 
 def load_splits(
@@ -90,28 +106,99 @@ def losses_at_eval_point(
     return estimated_losses(model, splits["train_tokens"], splits["val_tokens"], config)
 
 
+@dataclass
+class Progress:
+    """What the eval points have given so far: the curve and the best point. A resumed run
+    starts from its checkpoint's."""
+
+    curve: list[dict] = field(default_factory=list)
+    best: Best = field(default_factory=Best)
+
+
+def checkpoint_fingerprint(params: Params, device: torch.device) -> str:
+    """What a checkpoint must have been made from to be resumed: every param that changes the
+    trajectory, the device type, and the md5 of every dep of the train stage (data and code,
+    as dvc.lock records them). train.checkpoint_every and train.keep change no step."""
+    train = {
+        name: value
+        for name, value in vars(params.train).items()
+        if name not in ("checkpoint_every", "keep", "device")
+    }
+    return fingerprint(
+        {
+            "data": vars(params.data),
+            "model": vars(params.model),
+            "train": train,
+            "device": device.type,
+            "deps": rebuild.stage_dep_hashes(),
+            "torch": torch.__version__,
+        }
+    )
+
+
+def checkpoint_file(checkpoint_id: str) -> Path:
+    return CHECKPOINT_DIR / f"train-{checkpoint_id[:16]}.pt"
+
+
+def resume_from(path: Path, checkpoint_id: str) -> Checkpoint | None:
+    """The checkpoint to resume from, if one of the same fingerprint is there. One that does
+    not load is reported and ignored: training from step 0 gives the same model."""
+    try:
+        return load_checkpoint(path, checkpoint_id)
+    except ValueError as error:
+        print(
+            f"warning: ignoring the checkpoint {path}: {error}; training from step 0",
+            file=sys.stderr,
+        )
+        return None
+
+
+def is_checkpoint_due(step: int, config: TrainParams) -> bool:
+    """At every checkpoint_every-th eval point, but neither at step 0 (nothing to resume) nor
+    at the last step (the model is the stage's output then)."""
+    every = config.checkpoint_every * config.eval_interval
+    return every > 0 and 0 < step < config.max_iters and step % every == 0
+
+
 def train_model(
     model: LanguageModel,
     splits: dict[str, torch.Tensor],
     config: TrainParams,
     datasets: dict,
-) -> list[dict]:
-    """Fit the model; log its losses at every eval point; return the curve."""
-    curve: list[dict] = []
-    progress = tqdm(
-        total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr
-    )
+    state: TrainingState,
+    progress: Progress,
+    save_state: Callable[[Progress], None],
+) -> None:
+    """Fit the model from state; at every eval point log its losses, and when a checkpoint is
+    due save it (save_state) and log its weights with the losses."""
+    bar = tqdm(total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr)
 
     def on_eval(step: int) -> None:
         train_loss, val_loss = losses_at_eval_point(model, splits, config)
         check_losses_finite(step, train_loss, val_loss, config)
-        curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-        lineage.log_losses(curve[-1], datasets)
+        point = {"step": step, "train_loss": train_loss, "val_loss": val_loss}
+        progress.curve.append(point)
+        progress.best.update(step, val_loss, model)
+        if is_checkpoint_due(step, config):
+            save_state(progress)
+            checkpoints.log_checkpoint(model, point, datasets)
+        else:
+            lineage.log_losses(point, datasets)
         tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
-    fit(model, splits["train_tokens"], splits["train_counts"], config, on_eval, progress)
-    progress.close()
-    return curve
+    fit(model, splits["train_tokens"], splits["train_counts"], config, on_eval, bar, state)
+    bar.close()
+
+
+def keep_model(model: LanguageModel, progress: Progress, config: TrainParams) -> None:
+    """train.keep: best puts the weights of the lowest val loss into the model to output."""
+    if config.keep == "best":
+        model.load_state_dict(progress.best.weights)
+        mlflow.set_tag(checkpoints.KEPT_STEP_TAG, str(progress.best.step))
+        print(
+            f"keeping step {progress.best.step}, the lowest val loss "
+            f"({progress.best.val_loss:.4f}; train.keep: best)"
+        )
 
 
 def save_outputs(model: LanguageModel, curve: list[dict]) -> None:
@@ -147,23 +234,46 @@ def train_and_log(params: Params) -> None:
     datasets = lineage.training_datasets(params, corpus_sha256)
     torch.manual_seed(config.seed)
     model = new_model(params, len(vocab)).to(device)
+    state = new_training_state(model, config, device)
+    checkpoint_id = checkpoint_fingerprint(params, device)
+    path = checkpoint_file(checkpoint_id)
+    resumed = resume_from(path, checkpoint_id)
+    progress = Progress()
+    note = loss_curve_note(model, config)
+    if resumed is not None:
+        model.load_state_dict(resumed.model)
+        state.load_state_dict(resumed.training)
+        progress = Progress(resumed.curve, resumed.best)
+        note += f"\n\nResumed from step {resumed.step} of run {resumed.run_id} ({path})."
+        print(f"resuming from {path}: step {resumed.step} of run {resumed.run_id}")
 
     with (
-        runs.stage_run("train", params, run_name=runs.run_name(params)) as run,
+        runs.stage_run(
+            "train",
+            params,
+            run_name=runs.run_name(params),
+            tags=checkpoints.resumed_tags(resumed.run_id, resumed.step) if resumed else None,
+        ) as run,
         # Ctrl-C or an error after the model is saved must not leave it without its run.json.
         outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
     ):
-        run_tags = {
-            "device": str(device),
-            MLFLOW_RUN_NOTE: loss_curve_note(model, config),
-            **rebuild.record(device),
-        }
+        run_tags = {"device": str(device), MLFLOW_RUN_NOTE: note, **rebuild.record(device)}
         lineage.log_training_inputs(params, corpus_sha256, run_tags, datasets)
-        curve = train_model(model, splits, config, datasets)
-        save_outputs(model, curve)
+        for point in progress.curve:  # The resumed run's curve starts at step 0 too.
+            lineage.log_losses(point, datasets)
+
+        def save_state(progress: Progress) -> None:
+            save_checkpoint(
+                path, checkpoint_id, run.info.run_id, model, state, progress.curve, progress.best
+            )
+
+        train_model(model, splits, config, datasets, state, progress, save_state)
+        keep_model(model, progress, config)
+        save_outputs(model, progress.curve)
         model_sha256 = file_sha256(MODEL_PATH)
         mlflow.set_tag(lineage.MODEL_TAG, model_sha256)
         run_record.write_run_record(run.info.run_id, model_sha256)
+    path.unlink(missing_ok=True)  # The training completed: nothing to resume.
 
 
 if __name__ == "__main__":

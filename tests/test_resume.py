@@ -1,0 +1,131 @@
+"""A train stage SIGKILLed at a random step resumes from its checkpoint at the next `dvc repro`
+and ends with the bytes of the run that was never killed; MLflow tells the story truthfully.
+
+One scenario, three real trainings of a small GPT with dropout (so that torch's global generator
+is part of the state) in a repo copy: uninterrupted, killed, resumed. train.keep: best, so that
+the best point survives the kill too; the best val loss is at step 900 of 1100.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from pipeline.paths import CHECKPOINT_DIR, LOSS_CURVE_PATH, MODEL_PATH
+from pipeline.tracking.checkpoints import (
+    CHECKPOINT_MODEL_TYPE,
+    KEPT_STEP_TAG,
+    RESUMED_FROM_RUN_TAG,
+    RESUMED_FROM_STEP_TAG,
+)
+from testbed import run, update_params
+from tests.support.store import client_for, train_runs
+
+SMALL_GPT = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.1}
+TRAIN = {
+    "block_size": 16,
+    "batch_size": 16,
+    "max_iters": 1100,
+    "eval_interval": 100,
+    "eval_iters": 4,
+    "lr": 0.01,
+    "keep": "best",
+}
+EVAL_STEPS = list(range(0, 1101, 100))
+BEST_STEP = 900
+
+
+def checkpoint_models(client, run) -> dict[int, object]:
+    """{step: logged model} of a run's checkpoints."""
+    models = client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
+    return {int(m.name.split("-")[1]): m for m in models if m.model_type == CHECKPOINT_MODEL_TYPE}
+
+
+def weights_of(model) -> bytes:
+    """The model.pt a checkpoint's logged model holds."""
+    return (Path(urllib.parse.urlparse(model.artifact_location).path) / "model.pt").read_bytes()
+
+
+def kill_training_after(repo: Path, env: dict, step: int, delay_s: float) -> None:
+    """Start `dvc repro --force train`, SIGKILL its process group delay_s after the eval point
+    `step` has been printed (its checkpoint written), as a power cut would."""
+    process = subprocess.Popen(
+        ["dvc", "repro", "--force", "train"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith(f"step {step}:"):
+            time.sleep(delay_s)
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the training ended before the kill"
+
+
+@pytest.mark.e2e
+def test_a_sigkilled_training_resumes_from_its_checkpoint_and_ends_with_the_same_bytes(
+    prepared_copy,
+):
+    repo, env = prepared_copy
+    update_params(repo, model=SMALL_GPT, train=TRAIN)
+    client = client_for(repo)
+
+    run(["dvc", "repro", "train"], repo, env)
+    (uninterrupted,) = train_runs(repo)
+    expected_model = (repo / MODEL_PATH).read_bytes()
+    expected_curve = (repo / LOSS_CURVE_PATH).read_bytes()
+    assert list((repo / CHECKPOINT_DIR).iterdir()) == [], "a completed run keeps no checkpoint"
+    expected_checkpoints = checkpoint_models(client, uninterrupted)
+    assert sorted(expected_checkpoints) == EVAL_STEPS[1:-1]
+    assert uninterrupted.data.tags[KEPT_STEP_TAG] == str(BEST_STEP)
+    assert expected_model == weights_of(expected_checkpoints[BEST_STEP])
+
+    rng = random.Random()
+    killed_after, delay_s = rng.choice(EVAL_STEPS[1:8]), rng.uniform(0, 0.5)
+    kill_training_after(repo, env, killed_after, delay_s)
+    status = run(["git", "status", "--porcelain"], repo, env).stdout
+    assert "checkpoints" not in status, "checkpoints are not for git"
+
+    result = run(["dvc", "repro", "train"], repo, env)
+
+    scenario = f"killed {delay_s:.2f} s after step {killed_after}"
+    _, killed, resumed = train_runs(repo)
+    assert killed.info.status == "KILLED", scenario
+    assert resumed.info.status == "FINISHED"
+    kept = checkpoint_models(client, killed)
+    ready = sorted(step for step, model in kept.items() if model.status.name == "READY")
+    assert ready == EVAL_STEPS[1 : 1 + len(ready)] and ready[-1] >= killed_after, scenario
+    assert all(model.status.name in ("READY", "FAILED") for model in kept.values())
+    from_step = int(resumed.data.tags[RESUMED_FROM_STEP_TAG])
+    assert from_step in (ready[-1], ready[-1] + 100), scenario  # killed while logging it
+    assert resumed.data.tags[RESUMED_FROM_RUN_TAG] == killed.info.run_id
+    assert f"resuming from checkpoints/train-" in result.stdout
+    assert f"step {from_step} of run {killed.info.run_id}" in result.stdout
+
+    assert (repo / MODEL_PATH).read_bytes() == expected_model, scenario
+    assert (repo / LOSS_CURVE_PATH).read_bytes() == expected_curve, scenario
+    for name in ("train_loss", "val_loss"):
+        history = client.get_metric_history(resumed.info.run_id, name)
+        assert [m.step for m in history] == EVAL_STEPS, f"{name}: no gap, no duplicate"
+        expected = client.get_metric_history(uninterrupted.info.run_id, name)
+        assert [m.value for m in history] == [m.value for m in expected]
+    after_resume = checkpoint_models(client, resumed)
+    assert sorted(after_resume) == [step for step in EVAL_STEPS[1:-1] if step > from_step]
+    for step, model in after_resume.items():
+        assert weights_of(model) == weights_of(expected_checkpoints[step]), step
+    assert list((repo / CHECKPOINT_DIR).iterdir()) == []
