@@ -55,11 +55,11 @@ def weights_of(model) -> bytes:
     return (Path(urllib.parse.urlparse(model.artifact_location).path) / "model.pt").read_bytes()
 
 
-def kill_training_after(repo: Path, env: dict, step: int, delay_s: float) -> None:
-    """Start `dvc repro --force train`, SIGKILL its process group delay_s after the eval point
-    `step` has been printed (its checkpoint written), as a power cut would."""
+def kill_training_after(cmd: list[str], repo: Path, env: dict, step: int, delay_s: float) -> None:
+    """Start cmd, SIGKILL its process group delay_s after the eval point `step` has been
+    printed (its checkpoint written), as a power cut would."""
     process = subprocess.Popen(
-        ["dvc", "repro", "--force", "train"],
+        cmd,
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
@@ -84,48 +84,53 @@ def test_a_sigkilled_training_resumes_from_its_checkpoint_and_ends_with_the_same
     repo, env = prepared_copy
     update_params(repo, model=SMALL_GPT, train=TRAIN)
     client = client_for(repo)
-
-    run(["dvc", "repro", "train"], repo, env)
-    (uninterrupted,) = train_runs(repo)
-    expected_model = (repo / MODEL_PATH).read_bytes()
-    expected_curve = (repo / LOSS_CURVE_PATH).read_bytes()
-    assert list((repo / CHECKPOINT_DIR).iterdir()) == [], "a completed run keeps no checkpoint"
-    expected_checkpoints = checkpoint_models(client, uninterrupted)
-    assert sorted(expected_checkpoints) == EVAL_STEPS[1:-1]
-    assert uninterrupted.data.tags[KEPT_STEP_TAG] == str(BEST_STEP)
-    assert expected_model == weights_of(expected_checkpoints[BEST_STEP])
-
     rng = random.Random()
     killed_after, delay_s = rng.choice(EVAL_STEPS[1:8]), rng.uniform(0, 0.5)
-    kill_training_after(repo, env, killed_after, delay_s)
+    scenario = f"killed {delay_s:.2f} s after step {killed_after}"
+
+    kill_training_after(["dvc", "repro", "train"], repo, env, killed_after, delay_s)
     status = run(["git", "status", "--porcelain"], repo, env).stdout
     assert "checkpoints" not in status, "checkpoints are not for git"
+    resumed_stdout = run(["dvc", "repro", "train"], repo, env).stdout
+    resumed_model = (repo / MODEL_PATH).read_bytes()
+    resumed_curve = (repo / LOSS_CURVE_PATH).read_bytes()
+    assert list((repo / CHECKPOINT_DIR).iterdir()) == [], "a completed run keeps no checkpoint"
+    # The same training, never killed: forced, since DVC's run-cache has its outputs now.
+    run(["dvc", "repro", "--force", "train"], repo, env)
 
-    result = run(["dvc", "repro", "train"], repo, env)
+    killed, resumed, uninterrupted = train_runs(repo)
+    assert (killed.info.status, resumed.info.status) == ("KILLED", "FINISHED"), scenario
+    assert resumed_model == (repo / MODEL_PATH).read_bytes(), scenario
+    assert resumed_curve == (repo / LOSS_CURVE_PATH).read_bytes(), scenario
 
-    scenario = f"killed {delay_s:.2f} s after step {killed_after}"
-    _, killed, resumed = train_runs(repo)
-    assert killed.info.status == "KILLED", scenario
-    assert resumed.info.status == "FINISHED"
+    # What the killed run logged: its checkpoints up to the kill, none left PENDING.
     kept = checkpoint_models(client, killed)
     ready = sorted(step for step, model in kept.items() if model.status.name == "READY")
     assert ready == EVAL_STEPS[1 : 1 + len(ready)] and ready[-1] >= killed_after, scenario
     assert all(model.status.name in ("READY", "FAILED") for model in kept.values())
+    # The resumed run names where it started: the last checkpoint written, logged or not yet.
     from_step = int(resumed.data.tags[RESUMED_FROM_STEP_TAG])
-    assert from_step in (ready[-1], ready[-1] + 100), scenario  # killed while logging it
+    assert from_step in (ready[-1], ready[-1] + 100), scenario
     assert resumed.data.tags[RESUMED_FROM_RUN_TAG] == killed.info.run_id
-    assert f"resuming from checkpoints/train-" in result.stdout
-    assert f"step {from_step} of run {killed.info.run_id}" in result.stdout
-
-    assert (repo / MODEL_PATH).read_bytes() == expected_model, scenario
-    assert (repo / LOSS_CURVE_PATH).read_bytes() == expected_curve, scenario
+    assert f"step {from_step} of run {killed.info.run_id}" in resumed_stdout
+    assert (
+        f"Resumed from step {from_step} of run {killed.info.run_id}"
+        in (resumed.data.tags["mlflow.note.content"])
+    )
+    # Its curve is whole: every eval point once, with the uninterrupted run's values.
     for name in ("train_loss", "val_loss"):
         history = client.get_metric_history(resumed.info.run_id, name)
         assert [m.step for m in history] == EVAL_STEPS, f"{name}: no gap, no duplicate"
         expected = client.get_metric_history(uninterrupted.info.run_id, name)
-        assert [m.value for m in history] == [m.value for m in expected]
+        assert [m.value for m in history] == [m.value for m in expected], scenario
+    # Its checkpoints are those after the resume, the same weights as the uninterrupted run's.
+    expected_checkpoints = checkpoint_models(client, uninterrupted)
+    assert sorted(expected_checkpoints) == EVAL_STEPS[1:-1]
     after_resume = checkpoint_models(client, resumed)
     assert sorted(after_resume) == [step for step in EVAL_STEPS[1:-1] if step > from_step]
     for step, model in after_resume.items():
         assert weights_of(model) == weights_of(expected_checkpoints[step]), step
-    assert list((repo / CHECKPOINT_DIR).iterdir()) == []
+    # train.keep: best output the weights of step 900, kept across the kill.
+    assert resumed.data.tags[KEPT_STEP_TAG] == uninterrupted.data.tags[KEPT_STEP_TAG]
+    assert uninterrupted.data.tags[KEPT_STEP_TAG] == str(BEST_STEP)
+    assert resumed_model == weights_of(expected_checkpoints[BEST_STEP])

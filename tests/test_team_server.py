@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 from pipeline.errors import PipelineError
 from pipeline.secrets import masked
 from pipeline.tracking import lineage, store
+from pipeline.tracking.checkpoints import CHECKPOINT_MODEL_TYPE
 from testbed import VENV_BIN, copy_trained_repo, free_port, run
 from tests.support.experiments import (
     check_experiments_in_store,
@@ -157,7 +158,14 @@ def check_run_on_server(training, url: str, artifacts: Path) -> None:
     # The register stage's models, outputs of the training run too.
     outputs = client.get_run(run_id).outputs.model_outputs
     logged = [client.get_logged_model(output.model_id) for output in outputs]
+    checkpoints = [m for m in logged if m.model_type == CHECKPOINT_MODEL_TYPE]
+    assert sorted(m.name for m in checkpoints) == ["checkpoint-100", "checkpoint-200"]
+    logged = [m for m in logged if m.model_type != CHECKPOINT_MODEL_TYPE]
     assert {m.name for m in logged} == {"model", "generator"}
+    for model in checkpoints:
+        assert list(
+            (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("model.pt")
+        )
     for model in logged:
         assert list(
             (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("MLmodel")

@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,9 @@ from ruamel.yaml import YAML
 from pipeline import paths
 from pipeline.files import write_json
 from pipeline.lm.bigram import BigramLanguageModel, save_model
+from pipeline.lm.models import load_model
 from pipeline.tracking import registry, run_record
+from pipeline.tracking.checkpoints import CHECKPOINT_MODEL_TYPE
 from testbed import (
     REPO_ROOT,
     commit_all,
@@ -441,6 +444,8 @@ def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets
     # Logged by the register stage, and outputs of the training run, whose page lists them.
     outputs = client.get_run(training.info.run_id).outputs.model_outputs
     logged = [client.get_logged_model(output.model_id) for output in outputs]
+    # Besides the checkpoints, which the next test reads.
+    logged = [model for model in logged if model.model_type != CHECKPOINT_MODEL_TYPE]
     assert {model.name for model in logged} == {"model", "generator"}
     for model in logged:
         metrics = {m.key: m for m in model.metrics}
@@ -457,6 +462,40 @@ def test_logged_models_and_versions_show_the_final_losses_linked_to_the_datasets
     generator = next(model for model in logged if model.name == "generator")
     assert version.source == f"models:/{generator.model_id}"  # the logged model, final losses
     assert float(version.tags["val_loss"]) == pytest.approx(val_loss, abs=1e-6)
+
+
+def test_the_logged_models_page_lists_each_checkpoint_with_its_losses(trained_repo):
+    """One logged model per eval point but the first and the last (train.checkpoint_every: 1),
+    an output of the training run at its step, with that point's losses linked to the splits;
+    the weights in it are a model.pt that loads."""
+    repo, _ = trained_repo
+    (training,) = runs_of(repo, "train")
+    client = store(repo)
+    curve = (repo / "data/train/loss_curve.csv").read_text().strip().splitlines()[1:]
+    points = {int(float(row.split(",")[0])): row.split(",")[1:] for row in curve}
+    found = client.search_logged_models(
+        [training.info.experiment_id],
+        filter_string=f"source_run_id = '{training.info.run_id}'",
+    )
+    checkpoints = {m.name: m for m in found if m.model_type == CHECKPOINT_MODEL_TYPE}
+    assert sorted(checkpoints) == ["checkpoint-100", "checkpoint-200"]
+    outputs = client.get_run(training.info.run_id).outputs.model_outputs
+    assert {(o.model_id, o.step) for o in outputs} >= {
+        (m.model_id, int(name.split("-")[1])) for name, m in checkpoints.items()
+    }
+    vocab_size = len(json.loads((repo / "data/vocab/vocab.json").read_text()))
+    for name, model in checkpoints.items():
+        step = int(name.split("-")[1])
+        assert model.status.name == "READY"
+        metrics = {m.key: m for m in model.metrics}
+        assert set(metrics) == {"train_loss", "val_loss"}
+        assert [metrics[k].value for k in ("train_loss", "val_loss")] == [
+            float(value) for value in points[step]
+        ]
+        assert {m.step for m in metrics.values()} == {step}
+        assert metrics["val_loss"].dataset_name == "shakespeare-val"
+        weights = Path(urllib.parse.urlparse(model.artifact_location).path) / "model.pt"
+        assert load_model(weights, vocab_size).vocab_size == vocab_size
 
 
 def test_champion_moves_only_to_a_version_with_a_lower_val_loss(tmp_path):

@@ -7,6 +7,7 @@
   left RUNNING (``end_runs_of_dead_processes``).
 - ``lineage``: what a run consumed and made: datasets, the sha256 tags later stages find a run
   by, the loss curve on runs and on logged models.
+- ``checkpoints``: a training run's checkpoints as logged models, and a resumed run's tags.
 - ``registry``: logging both model flavours, registering a version, the champion/challenger
   aliases.
 - ``served_model``: the pyfunc MLflow serves (prompts in, text out), and
