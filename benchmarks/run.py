@@ -29,6 +29,7 @@ TARGETS = (
     "kernels",
     "gpt-training",
     "gpt-overhead",
+    "checkpoints",
 )
 
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from benchmarks import compute, gpt, kernels, stages, turnaround
+    from benchmarks import checkpoints, compute, gpt, kernels, stages, turnaround
     from benchmarks.measure import format_table, machine_summary
     from benchmarks.workload import find_corpus, load_workload
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "kernels": lambda: kernels.kernel_rows(corpus, max(1, args.repeats // 2)),
         "gpt-training": lambda: gpt.training_rows(work, args.quick, max(1, args.repeats // 2)),
         "gpt-overhead": lambda: gpt.overhead_rows(work, corpus, scratch, args.threads, args.quick),
+        "checkpoints": lambda: checkpoints.checkpoint_rows(work, scratch, args.repeats),
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bigram-bench-") as scratch_name:
