@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install lock repro pipeline-lock plots test test-fast lint format bench gpu-check clean
+.PHONY: install lock repro pipeline-lock plots leaderboard test test-fast lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ pipeline-lock: $(STAMP)
 PLOTS ?= show
 plots: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python tools/offline_plots.py $(PLOTS)
+
+# Every evaluated training run in the MLflow store, lowest val loss first, as a Markdown table
+# (printed, and written to leaderboard.md).
+leaderboard: $(STAMP)
+	$(BIN)/python -m pipeline.leaderboard --output leaderboard.md
 
 # Lint and type check first (`make lint`), then the whole suite on every core (pytest-xdist; a
 # test file stays on one worker, so that its module fixtures are built once; the longest files

@@ -73,6 +73,7 @@ LONGEST_FIRST = (
     "test_secrets",
     "test_sharing",
     "test_one_stage_per_job",
+    "test_resume",
     "test_stage_imports",
     "test_stage_cli",
     "test_own_corpus",

@@ -5,6 +5,8 @@ reads the store through MLflow's client, as the UI reads it through the same API
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -92,3 +94,19 @@ def test_a_training_run_records_its_deps_in_one_artifact_not_as_columns(trained_
         key for r in mlflow_runs(repo) for key in r.data.tags if not key.startswith("mlflow.")
     }
     assert len(columns) <= MAX_TAG_COLUMNS, sorted(columns)
+
+
+def test_the_leaderboard_lists_the_pipelines_training_run_with_its_exact_losses(trained_repo):
+    repo, env = trained_repo
+    (training,) = runs_by_stage(repo)["train"]
+    result = run([sys.executable, "-m", "pipeline.leaderboard"], repo, env)
+    header, _, row = (
+        [c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+    )
+    cells = dict(zip(header, row, strict=True))
+    metrics = json.loads((repo / "data/evaluate/metrics.json").read_text())
+    assert cells["run"] == training.info.run_name
+    assert cells["model"] == "bigram" and cells["parameters"] == "4,225"
+    assert cells["val loss"] == f"**{metrics['val_loss']:.4f}**"
+    assert cells["train loss"] == f"{metrics['train_loss']:.4f}"
+    assert training.info.run_id in cells["run page"]

@@ -101,7 +101,9 @@ STAGES = (
     "sample",
     "link",
     "generate",
+    "leaderboard",
 )
+COMMANDS = ("generate", "leaderboard")  # pipeline/<name>.py, not stages
 TRAINING = "pipeline.lm.training"  # The training loops: the train stage's alone.
 HEATMAP = "pipeline.lm.heatmap"  # matplotlib: the evaluate stage's alone.
 # The pyfunc generator (pandas, mlflow.pyfunc): logged by register, loaded by generate from an
@@ -115,8 +117,8 @@ def other_stages(stage: str) -> frozenset[str]:
 
 
 def module_of(name: str) -> str:
-    """The module `python -m` runs for a stage, or for the generate command."""
-    return "pipeline.generate" if name == "generate" else f"pipeline.stages.{name}"
+    """The module `python -m` runs for a stage, or for a command (generate, leaderboard)."""
+    return f"pipeline.{name}" if name in COMMANDS else f"pipeline.stages.{name}"
 
 
 # `python -c BOOTSTRAP RECORDER ...` runs RECORDER in a namespace of its own: the module runs in
@@ -363,6 +365,14 @@ RUNS = (
         outputs=("data/train/run.json",),
         prepare=remove_run_record,
         stdout_check=lambda stdout: "was trained by MLflow run" in stdout,
+    ),
+    Run(
+        "leaderboard",
+        "pipeline.leaderboard",
+        # Reads the store: MLflow's client, no torch (a GPT's size comes from lm.sizes).
+        uses=frozenset({"mlflow"}),
+        must_not_load=other_stages("leaderboard") | {TRAINING, HEATMAP, SERVING},
+        stdout_check=lambda stdout: stdout.startswith("| # | run | model |"),
     ),
     Run(
         "generate-help",

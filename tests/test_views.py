@@ -483,7 +483,7 @@ def test_the_logged_models_page_lists_each_checkpoint_with_its_losses(trained_re
     assert {(o.model_id, o.step) for o in outputs} >= {
         (m.model_id, int(name.split("-")[1])) for name, m in checkpoints.items()
     }
-    vocab_size = len(json.loads((repo / "data/vocab/vocab.json").read_text()))
+    vocab_size = len(json.loads((repo / "data/vocab/vocab.json").read_text())["chars"])
     for name, model in checkpoints.items():
         step = int(name.split("-")[1])
         assert model.status.name == "READY"
