@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,6 +25,7 @@ from pipeline.tracking.checkpoints import (
     RESUMED_FROM_STEP_TAG,
 )
 from testbed import run, update_params
+from tests.support.stages import start_and_wait_for_training
 from tests.support.store import client_for, train_runs
 
 SMALL_GPT = {"type": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.1}
@@ -58,21 +58,9 @@ def weights_of(model) -> bytes:
 def kill_training_after(cmd: list[str], repo: Path, env: dict, step: int, delay_s: float) -> None:
     """Start cmd, SIGKILL its process group delay_s after the eval point `step` has been
     printed (its checkpoint written), as a power cut would."""
-    process = subprocess.Popen(
-        cmd,
-        cwd=repo,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith(f"step {step}:"):
-            time.sleep(delay_s)
-            os.killpg(process.pid, signal.SIGKILL)
-            break
+    process = start_and_wait_for_training(cmd, repo, env, step)
+    time.sleep(delay_s)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, "the training ended before the kill"
 

@@ -12,8 +12,11 @@ from testbed import run
 ENDLESS_TRAINING = {"max_iters": 10**7, "eval_interval": 10**6}
 
 
-def start_and_wait_for_training(cmd: list[str], repo: Path, env: dict) -> subprocess.Popen:
-    """Start cmd in its own process group; return once training has logged its step 0."""
+def start_and_wait_for_training(
+    cmd: list[str], repo: Path, env: dict, step: int = 0
+) -> subprocess.Popen:
+    """Start cmd in its own process group; return once training has logged its eval point
+    ``step`` (step 0: it has started)."""
     process = subprocess.Popen(
         cmd,
         cwd=repo,
@@ -24,10 +27,10 @@ def start_and_wait_for_training(cmd: list[str], repo: Path, env: dict) -> subpro
         start_new_session=True,
     )
     for line in process.stdout:
-        if line.startswith("step 0:"):
+        if line.startswith(f"step {step}:"):
             return process
     process.wait(timeout=60)
-    raise AssertionError(f"training never started:\n{process.stderr.read()}")
+    raise AssertionError(f"training never reached step {step}:\n{process.stderr.read()}")
 
 
 def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
