@@ -13,8 +13,9 @@ from ruamel.yaml import YAML
 
 from pipeline.tracking.rebuild import DEPS_TAG
 from pipeline.tracking.store import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from pipeline.tracking.system_metrics import PREFIX as SYSTEM_PREFIX
 from testbed import mlflow_runs, run, run_stage, update_params
-from tests.support.store import client_for, recorded_deps
+from tests.support.store import CPU_SYSTEM_METRICS, client_for, recorded_deps
 
 EXPERIMENT = "bigram"
 # Tags MLflow's runs table shows as columns: all but its own `mlflow.*` ones. Measured on the
@@ -94,6 +95,22 @@ def test_a_training_run_records_its_deps_in_one_artifact_not_as_columns(trained_
         key for r in mlflow_runs(repo) for key in r.data.tags if not key.startswith("mlflow.")
     }
     assert len(columns) <= MAX_TAG_COLUMNS, sorted(columns)
+
+
+def test_the_training_run_alone_has_system_metrics_which_no_model_carries(trained_repo):
+    """MLflow's System metrics tab of the training run charts them; the stages around it, a
+    second or less each, would only add columns to the runs table's picker."""
+    repo, _ = trained_repo
+    client = client_for(repo)
+    for found in mlflow_runs(repo):
+        stage = found.data.tags["stage"]
+        system = {key for key in found.data.metrics if key.startswith(SYSTEM_PREFIX)}
+        assert system >= CPU_SYSTEM_METRICS if stage == "train" else system == set(), stage
+    (training,) = runs_by_stage(repo)["train"]
+    history = client.get_metric_history(training.info.run_id, "system/cpu_utilization_percentage")
+    assert [m.step for m in history] == list(range(len(history)))
+    for model in client.search_logged_models([training.info.experiment_id]):
+        assert not [m.key for m in model.metrics if m.key.startswith(SYSTEM_PREFIX)], model.name
 
 
 def test_the_leaderboard_lists_the_pipelines_training_run_with_its_exact_losses(trained_repo):

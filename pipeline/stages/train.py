@@ -69,6 +69,7 @@ from pipeline.paths import (
     VOCAB_PATH,
 )
 from pipeline.tracking import checkpoints, lineage, rebuild, run_record, runs
+from pipeline.tracking.system_metrics import system_metrics
 
 
 def load_splits(
@@ -168,10 +169,13 @@ def train_model(
     state: TrainingState,
     progress: Progress,
     save_state: Callable[[Progress], None],
+    pace: Callable[[float], None],
 ) -> None:
-    """Fit the model from state; at every eval point log its losses, and when a checkpoint is
-    due save it (save_state) and log its weights with the losses."""
+    """Fit the model from state; at every eval point log its losses, when a checkpoint is due
+    save it (save_state) and log its weights with the losses, and tell pace the fraction of
+    this process's steps done."""
     bar = tqdm(total=config.max_iters, desc="train", unit="step", disable=None, file=sys.stderr)
+    first_step = state.step
 
     def on_eval(step: int) -> None:
         train_loss, val_loss = losses_at_eval_point(model, splits, config)
@@ -184,6 +188,8 @@ def train_model(
             checkpoints.log_checkpoint(model, point, datasets)
         else:
             lineage.log_losses(point, datasets)
+        if step > first_step:
+            pace((step - first_step) / (config.max_iters - first_step))
         tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
 
     fit(model, splits["train_tokens"], splits["train_counts"], config, on_eval, bar, state)
@@ -254,6 +260,7 @@ def train_and_log(params: Params) -> None:
             run_name=runs.run_name(params),
             tags=checkpoints.resumed_tags(resumed.run_id, resumed.step) if resumed else None,
         ) as run,
+        system_metrics(run.info.run_id) as pace,
         # Ctrl-C or an error after the model is saved must not leave it without its run.json.
         outputs_removed_on_failure(MODEL_PATH, LOSS_CURVE_PATH, RUN_INFO_PATH),
     ):
@@ -267,7 +274,7 @@ def train_and_log(params: Params) -> None:
                 path, checkpoint_id, run.info.run_id, model, state, progress.curve, progress.best
             )
 
-        train_model(model, splits, config, datasets, state, progress, save_state)
+        train_model(model, splits, config, datasets, state, progress, save_state, pace)
         keep_model(model, progress, config)
         save_outputs(model, progress.curve)
         model_sha256 = file_sha256(MODEL_PATH)

@@ -11,6 +11,17 @@ from mlflow import MlflowClient
 from pipeline.tracking.rebuild import DEPS_ARTIFACT
 from testbed import mlflow_runs
 
+# The system metrics MLflow samples on any machine (a GPU's need nvidia-ml-py and the GPU).
+CPU_SYSTEM_METRICS = frozenset(
+    {
+        "system/cpu_utilization_percentage",
+        "system/system_memory_usage_megabytes",
+        "system/system_memory_usage_percentage",
+        "system/disk_usage_megabytes",
+        "system/network_receive_megabytes",
+    }
+)
+
 
 def client_for(repo: Path) -> MlflowClient:
     """A client on the repo copy's SQLite store."""
