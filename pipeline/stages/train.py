@@ -22,6 +22,9 @@ The folder is outside the stage's outs on purpose: DVC deletes outs before it re
 and caches every version of them, so a checkpoint there would be gone when it is needed, or
 fill the cache. A completed training deletes its checkpoint. train.keep: best outputs the
 weights of the eval point with the lowest val loss instead of the last step's.
+
+MLflow's system metrics (CPU, memory, disk, network, GPUs) are sampled throughout the run at an
+interval paced to its length (pipeline.tracking.system_metrics).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@
 - ``lineage``: what a run consumed and made: datasets, the sha256 tags later stages find a run
   by, the loss curve on runs and on logged models.
 - ``checkpoints``: a training run's checkpoints as logged models, and a resumed run's tags.
+- ``system_metrics``: MLflow's system metrics monitor on a training run, paced to its length.
 - ``registry``: logging both model flavours, registering a version, the champion/challenger
   aliases.
 - ``served_model``: the pyfunc MLflow serves (prompts in, text out), and
