@@ -7,6 +7,8 @@ duplicate or break nothing.
 
 from __future__ import annotations
 
+import itertools
+import json
 import re
 import sqlite3
 import subprocess
@@ -23,8 +25,9 @@ from tests.support.experiments import (
     MODEL_NAME,
     check_experiments_in_store,
     check_registry,
+    exp_show,
     failed_task_logs,
-    queue,
+    queue_grid,
     start_queue,
     training_runs,
     wait_for_queue,
@@ -32,7 +35,8 @@ from tests.support.experiments import (
 
 # Four experiments on four workers: every worker starts at once on a store that does not exist
 # yet, beside a `dvc exp run --temp`. (Eight on four proved nothing more, at twice the time.)
-FOUR_EXPERIMENTS = ["train.lr=3e-3", "train.lr=3e-2", "train.batch_size=64", "train.seed=1"]
+# They are DVC's grid of two axes, as docs/OPERATIONS.md shows it.
+GRID = {"train.lr": (3e-3, 3e-2), "train.batch_size": (48, 64)}
 
 
 def store_client(repo: Path) -> MlflowClient:
@@ -48,8 +52,9 @@ def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tm
     """
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
     env = trained_repo[1]
-    names = queue(repo, env, FOUR_EXPERIMENTS)
-    assert len(names) == 4
+    axes = [f"{param}={','.join(map(str, values))}" for param, values in GRID.items()]
+    grid = queue_grid(repo, env, axes)
+    assert len(grid) == 4
 
     start_queue(repo, env, jobs=4)
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
@@ -57,6 +62,16 @@ def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tm
     status = wait_for_queue(repo, env, experiments=5)
     assert status.count("Success") == 4, status + failed_task_logs(repo, env, status)
 
+    # One experiment per combination of the axes.
+    shown = exp_show(repo, env)
+    combinations = {
+        name: tuple(shown[name]["params"][p.removeprefix("train.")] for p in GRID) for name in grid
+    }
+    assert sorted(combinations.values()) == sorted(itertools.product(*GRID.values()))
+    names = {
+        name: " ".join(f"{p}={v}" for p, v in zip(GRID, values, strict=True))
+        for name, values in combinations.items()
+    }
     client = store_client(repo)
     runs = check_experiments_in_store(client, repo, env, {**names, temp_name: "train.lr=4e-2"})
     assert len(runs) == 5
@@ -75,6 +90,20 @@ def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tm
         assert found.data.tags["mlflow.source.git.commit"] == head
         assert found.data.tags["git.dirty"] == "true"
         assert found.data.tags["git.changed_files"] == "params.yaml"
+
+    # `dvc plots diff` of the sweep overlays the grid's four curves on the loss chart.
+    plots = json.loads(run(["dvc", "plots", "diff", *grid, "--json"], repo, env).stdout)
+    assert not plots.get("errors")
+    (chart,) = plots["data"]["data/train/loss_curve.csv"]
+    assert {row["rev"] for row in chart["content"]["data"]["values"]} == set(grid)
+
+    # The leaderboard ranks all five by val loss, as MLflow has them.
+    board = run([sys.executable, "-m", "pipeline.leaderboard"], repo, env).stdout
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in board.splitlines()[2:]]
+    by_name = {found.info.run_name: found.data.metrics["val_loss"] for found in runs}
+    assert [row[1] for row in rows] == sorted(by_name, key=by_name.__getitem__)
+    # The baseline's run is in the trained repo's own store, not in this copy's.
+    assert len(rows) == 5
 
 
 WORKER = """

@@ -29,6 +29,14 @@ def queue(repo: Path, env: dict[str, str], overrides: list[str]) -> dict[str, st
     return names
 
 
+def queue_grid(repo: Path, env: dict[str, str], axes: list[str]) -> list[str]:
+    """`dvc exp run --queue -S 'train.lr=1e-3,1e-2' -S ...`: DVC's grid, one experiment per
+    combination of the axes' values; returns their names."""
+    options = [arg for axis in axes for arg in ("-S", axis)]
+    result = run(["dvc", "exp", "run", "--queue", *options], repo, env)
+    return re.findall(r"Queued experiment '([^']+)'", result.stdout)
+
+
 def start_queue(repo: Path, env: dict[str, str], jobs: int) -> None:
     """`dvc queue start -j <jobs>`, returning once the workers are started.
 
@@ -107,7 +115,8 @@ def check_experiments_in_store(
     client: MlflowClient, repo: Path, env: dict[str, str], names: dict[str, str]
 ) -> list:
     """Each experiment has exactly one FINISHED training run, named after it, whose params and
-    metrics are those `dvc exp show` lists for it; returns those runs."""
+    metrics are those `dvc exp show` lists for it; returns those runs. An experiment's entry
+    in names is its overrides, ``train.lr=3e-3`` or several with spaces between."""
     runs = [r for r in training_runs(client) if r.data.tags.get("dvc.exp_name") in names]
     assert sorted(r.data.tags["dvc.exp_name"] for r in runs) == sorted(names), "lost or doubled"
     shown = exp_show(repo, env)
@@ -115,9 +124,11 @@ def check_experiments_in_store(
         name = found.data.tags["dvc.exp_name"]
         assert found.info.status == "FINISHED", name
         assert found.info.run_name == name
-        param, value = names[name].split("=")
-        assert float(found.data.params[param]) == float(value), name
-        assert shown[name]["params"][param.removeprefix("train.")] == pytest.approx(float(value))
+        for override in names[name].split():
+            param, value = override.split("=")
+            assert float(found.data.params[param]) == float(value), name
+            shown_value = shown[name]["params"][param.removeprefix("train.")]
+            assert shown_value == pytest.approx(float(value)), name
         metrics = shown[name]["metrics"]
         assert metrics.keys() <= found.data.metrics.keys()
         for metric, value in metrics.items():
