@@ -39,35 +39,11 @@ from tests.support.experiments import (
     training_runs,
     wait_for_queue,
 )
-from tests.support.servers import background, request_json
+from tests.support.servers import background, mlflow_server, request_json
 
 pytestmark = pytest.mark.e2e
 
 MODEL_URI = "models:/bigram-shakespeare@champion"
-
-
-@contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
-    """`mlflow server` proxying artifacts (--serve-artifacts) into workdir/artifacts."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        backend_uri,
-        "--serve-artifacts",
-        "--artifacts-destination",
-        str(workdir / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with background(cmd, f"{url}/health", workdir / "server.log", env):
-        yield url
 
 
 def postgres_bin_dir() -> Path:

@@ -1,5 +1,5 @@
 """HTTP on 127.0.0.1: a corpus server with every fault a mirror can have, a server process run
-in the background until it answers, and a small JSON client."""
+in the background until it answers, `mlflow server`, and a small JSON client."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from testbed import VENV_BIN, free_port
 
 WRONG_BODY = b"To be, or not to be: that is not the corpus.\n"
 SENT_BEFORE_STALL = 64 * 1024
@@ -159,3 +161,27 @@ def background(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
+    """`mlflow server` proxying artifacts (--serve-artifacts) into workdir/artifacts."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with background(cmd, f"{url}/health", workdir / "server.log", env):
+        yield url
