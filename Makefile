@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml $(LOCK)
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra dev --extra postgres --extra gpu --no-emit-package torch \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --extra postgres --extra gpu --extra s3 --no-emit-package torch \
 		--universal --upgrade --python $(BIN)/python --custom-compile-command "make lock" \
 		--quiet -o $(LOCK)
 
