@@ -39,6 +39,7 @@ from testbed import (
 )
 from tests.support.experiments import Experiments
 from tests.support.models import make_workspace
+from tests.support.s3 import S3Server, s3_server
 from tests.support.servers import start_faulty_server
 from tests.support.stages import exp_run
 
@@ -249,6 +250,14 @@ def experiments(trained_repo, tmp_path_factory) -> Experiments:
     first, second, restored = json.loads((built / "names.json").read_text())
     repo = private_copy(built / "repo", tmp_path_factory, "experiments")
     return Experiments(repo, env, first, second, restored, restored_stdout)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's S3-compatible server on 127.0.0.1, one per worker (tests.support.s3); each test
+    makes its own bucket."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ run's record is enough to rebuild it with identical metrics."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -24,6 +25,16 @@ from tests.support.store import client_for, recorded_deps
 pytestmark = pytest.mark.e2e
 
 
+def files_holding(secret: str, *directories: Path) -> list[Path]:
+    """Every file under directories (git's and DVC's own included) that holds secret."""
+    return [
+        path
+        for directory in directories
+        for path in directory.rglob("*")
+        if path.is_file() and not path.is_symlink() and secret.encode() in path.read_bytes()
+    ]
+
+
 def training_run(repo: Path):
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("bigram")
@@ -31,12 +42,25 @@ def training_run(repo: Path):
     return found
 
 
-def test_dvc_remote_moves_data_and_model_to_another_clone(trained_repo, tmp_path):
-    """`dvc push` from one clone, `dvc pull` into another: nothing is left to run there."""
+@pytest.mark.parametrize("remote", ["folder", "s3"])
+def test_dvc_remote_moves_data_and_model_to_another_clone(trained_repo, tmp_path, remote, request):
+    """`dvc push` from one clone, `dvc pull` into another: nothing is left to run there. The
+    remote is a folder, or a bucket of an S3 server (dvc-s3, `endpointurl`), whose credentials
+    come from the AWS variables and are written nowhere."""
     source, env = copy_trained_repo(trained_repo[0], tmp_path / "source"), trained_repo[1]
-    run(["dvc", "remote", "add", "--default", "shared", str(tmp_path / "remote")], source, env)
+    if remote == "folder":
+        run(["dvc", "remote", "add", "--default", "shared", str(tmp_path / "remote")], source, env)
+    else:
+        s3 = request.getfixturevalue("s3")
+        bucket = s3.new_bucket("dvc-remote-test")
+        env = {**env, **s3.credentials}
+        run(["dvc", "remote", "add", "--default", "shared", f"s3://{bucket}/bigram"], source, env)
+        run(["dvc", "remote", "modify", "shared", "endpointurl", s3.endpoint], source, env)
     commit_all(source, env, "share data through a DVC remote")
-    run(["dvc", "push"], source, env)
+    pushed = run(["dvc", "push"], source, env)
+    if remote == "s3":
+        model_md5 = hashlib.md5((source / "data/train/model.pt").read_bytes()).hexdigest()
+        assert f"bigram/files/md5/{model_md5[:2]}/{model_md5[2:]}" in s3.keys(bucket)
 
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(source), str(clone)], tmp_path, env)
@@ -60,6 +84,10 @@ def test_dvc_remote_moves_data_and_model_to_another_clone(trained_repo, tmp_path
         env,
     )
     assert (tmp_path / "model.pt").read_bytes() == (source / "data/train/model.pt").read_bytes()
+    if remote == "s3":
+        outputs = [pushed.stdout, pushed.stderr, ran]
+        assert not [text for text in outputs if s3.secret_key in text]
+        assert not files_holding(s3.secret_key, source, clone)
 
 
 def test_a_training_run_is_rebuilt_from_its_record(trained_repo, tmp_path):
