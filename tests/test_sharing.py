@@ -20,19 +20,10 @@ from ruamel.yaml import YAML
 from pipeline.params import TrainParams
 from pipeline.tracking.rebuild import DEPS_TAG
 from testbed import commit_all, copy_trained_repo, run, run_stage, update_params
+from tests.support.faults import files_holding
 from tests.support.store import client_for, recorded_deps
 
 pytestmark = pytest.mark.e2e
-
-
-def files_holding(secret: str, *directories: Path) -> list[Path]:
-    """Every file under directories (git's and DVC's own included) that holds secret."""
-    return [
-        path
-        for directory in directories
-        for path in directory.rglob("*")
-        if path.is_file() and not path.is_symlink() and secret.encode() in path.read_bytes()
-    ]
 
 
 def training_run(repo: Path):
