@@ -39,6 +39,7 @@ from tests.support.experiments import (
     training_runs,
     wait_for_queue,
 )
+from tests.support.faults import files_holding
 from tests.support.servers import background, mlflow_server, request_json
 
 pytestmark = pytest.mark.e2e
@@ -121,16 +122,27 @@ def runs_by_stage(client: MlflowClient) -> dict[str, list]:
     return grouped
 
 
-def check_run_on_server(training, url: str, artifacts: Path) -> None:
+def files_in(directory: Path) -> set[str]:
+    """The paths of the files under a server's artifacts directory, relative to it."""
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
+def check_run_on_server(training, url: str, stored: set[str]) -> None:
     """A training run's artifacts and models, as the server holds them and `mlflow ui` shows
-    them: its page, and the runs and artifacts the page asks the server for."""
+    them: its page, and the runs and artifacts the page asks the server for. stored: the files
+    in the server's artifacts destination, relative to it (a directory's or a bucket's)."""
     client = MlflowClient(tracking_uri=url)
     run_id = training.info.run_id
     # Artifacts went through the server (mlflow-artifacts:/) into its destination directory.
     assert training.info.artifact_uri.startswith("mlflow-artifacts:/")
     listed = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.csv", "metrics.json", "next_char_probs.png", "samples"} <= listed
-    assert list((artifacts / training.info.experiment_id / run_id).rglob("loss_curve.csv"))
+    experiment = training.info.experiment_id
+
+    def stored_under(prefix: str, name: str) -> bool:
+        return any(p.startswith(f"{prefix}/") and p.endswith(f"/{name}") for p in stored)
+
+    assert stored_under(f"{experiment}/{run_id}", "loss_curve.csv")
     # The register stage's models, outputs of the training run too.
     outputs = client.get_run(run_id).outputs.model_outputs
     logged = [client.get_logged_model(output.model_id) for output in outputs]
@@ -139,13 +151,9 @@ def check_run_on_server(training, url: str, artifacts: Path) -> None:
     logged = [m for m in logged if m.model_type != CHECKPOINT_MODEL_TYPE]
     assert {m.name for m in logged} == {"model", "generator"}
     for model in checkpoints:
-        assert list(
-            (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("model.pt")
-        )
+        assert stored_under(f"{experiment}/models/{model.model_id}", "model.pt"), model.name
     for model in logged:
-        assert list(
-            (artifacts / training.info.experiment_id / "models" / model.model_id).rglob("MLmodel")
-        )
+        assert stored_under(f"{experiment}/models/{model.model_id}", "MLmodel"), model.name
 
     status, page = request_json(f"{url}/")
     assert status == 200 and "<html" in page.lower() and "Unable to display" not in page
@@ -160,11 +168,15 @@ def check_run_on_server(training, url: str, artifacts: Path) -> None:
         assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
 
 
-def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgres_uri):
-    """`dvc repro` logs every stage through the server, PostgreSQL behind it; the registered
-    model then generates through the generate command and through `mlflow models serve`."""
+def test_pipeline_through_a_server_on_postgresql_and_s3(trained_repo, tmp_path, postgres_uri, s3):
+    """`dvc repro` logs every stage through the server, PostgreSQL behind it and its artifacts
+    in an S3 bucket; the registered model then generates through the generate command and
+    through `mlflow models serve`. Only the server has the S3 credentials."""
     repo = copy_trained_repo(trained_repo[0], tmp_path / "repo")
-    with mlflow_server(postgres_uri, tmp_path, trained_repo[1]) as url:
+    bucket = s3.new_bucket("mlflow-artifacts-test")
+    server_env = {**trained_repo[1], **s3.credentials, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    destination = f"s3://{bucket}/mlflow"
+    with mlflow_server(postgres_uri, tmp_path, server_env, destination) as url:
         env = {**trained_repo[1], "MLFLOW_TRACKING_URI": url}
         result = run(["dvc", "repro", "--force"], repo, env)
         for stage in ("download", "vocab", "train", "evaluate", "sample"):
@@ -186,7 +198,8 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
         for name, value in metrics.items():
             assert training.data.metrics[name] == pytest.approx(value, rel=1e-12), name
         assert training.data.params["train.max_iters"] == "300"
-        check_run_on_server(training, url, tmp_path / "artifacts")
+        stored = {key.removeprefix("mlflow/") for key in s3.keys(bucket, "mlflow/")}
+        check_run_on_server(training, url, stored)
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
         (version,) = client.search_model_versions("name = 'bigram-shakespeare'")
         assert version.version == "1"
@@ -227,6 +240,13 @@ def test_pipeline_through_a_server_on_postgresql(trained_repo, tmp_path, postgre
             status, body = request_json(invocations, {"dataframe_records": [{"prompt": "ROMEO@é"}]})
             assert status == 400 and "'@', 'é'" in json.loads(body)["message"]
 
+        # The S3 secret stayed in the server's environment: in no run, output, log or file.
+        for found in client.search_runs([training.info.experiment_id]):
+            assert s3.secret_key not in json.dumps([found.data.tags, found.data.params])
+    assert s3.secret_key not in result.stdout + result.stderr
+    logs = [tmp_path / "server.log", tmp_path / "serve.log"]
+    assert not files_holding(s3.secret_key, repo, *logs)
+
 
 def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_stopped(
     trained_repo, tmp_path, monkeypatch
@@ -254,7 +274,7 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
         assert len(training_runs(client)) == 2
         check_registry(client, runs)
         for training in runs:
-            check_run_on_server(training, url, tmp_path / "artifacts")
+            check_run_on_server(training, url, files_in(tmp_path / "artifacts"))
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
 
     stage = ["dvc", "repro", "--force", "--single-item", "train"]

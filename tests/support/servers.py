@@ -164,8 +164,12 @@ def background(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, workdir: Path, env: dict[str, str]) -> Iterator[str]:
-    """`mlflow server` proxying artifacts (--serve-artifacts) into workdir/artifacts."""
+def mlflow_server(
+    backend_uri: str, workdir: Path, env: dict[str, str], artifacts: str | None = None
+) -> Iterator[str]:
+    """`mlflow server` proxying artifacts (--serve-artifacts) into artifacts, a directory or an
+    ``s3://`` URI (then env holds the AWS variables and MLFLOW_S3_ENDPOINT_URL), by default
+    workdir/artifacts. Clients need no access to the artifacts: they go through the server."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
@@ -175,7 +179,7 @@ def mlflow_server(backend_uri: str, workdir: Path, env: dict[str, str]) -> Itera
         backend_uri,
         "--serve-artifacts",
         "--artifacts-destination",
-        str(workdir / "artifacts"),
+        artifacts or str(workdir / "artifacts"),
         "--host",
         "127.0.0.1",
         "--port",
