@@ -30,6 +30,7 @@ TARGETS = (
     "gpt-training",
     "gpt-overhead",
     "checkpoints",
+    "s3",
 )
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from benchmarks import checkpoints, compute, gpt, kernels, stages, turnaround
+    from benchmarks import checkpoints, compute, gpt, kernels, s3, stages, turnaround
     from benchmarks.measure import format_table, machine_summary
     from benchmarks.workload import find_corpus, load_workload
 
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         "gpt-training": lambda: gpt.training_rows(work, args.quick, max(1, args.repeats // 2)),
         "gpt-overhead": lambda: gpt.overhead_rows(work, corpus, scratch, args.threads, args.quick),
         "checkpoints": lambda: checkpoints.checkpoint_rows(work, scratch, args.repeats),
+        "s3": lambda: s3.s3_rows(scratch, args.repeats),
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bigram-bench-") as scratch_name:
