@@ -40,6 +40,8 @@ MAX_BATCH_TOKENS = 1 << 24
 MAX_ITERS = 10**9
 # Each evaluation is an exact loss over both splits and a point of the logged loss curve.
 MAX_EVALS = 100_000
+# torchrun processes on one machine: a typo of 1000 would fork a thousand trainings.
+MAX_PROCESSES = 64
 # One generation request: sampling keeps about 40 bytes per character (10 million: 400 MB).
 MAX_CHARS_LIMIT = 10_000_000
 # Logits divided by a temperature below this can overflow float32 to inf, and the sampling
@@ -147,6 +149,11 @@ class TrainParams:
     # What the stage outputs: the model of the last step, or of the eval point with the lowest
     # val loss (a GPT's: the estimate).
     keep: str = param((f"one of {KEEP}", lambda value: value in KEEP), default="last")
+    # Processes that train together (torchrun, DistributedDataParallel), each on batches of its
+    # own: a step sees batch_size x processes sequences (pipeline.lm.distributed).
+    processes: int = param(
+        POSITIVE, (f"at most {MAX_PROCESSES}", lambda value: value <= MAX_PROCESSES), default=1
+    )
 
     def joint_checks(self) -> Iterator[Check]:
         yield (
@@ -161,6 +168,12 @@ class TrainParams:
             "eval_interval",
             f"at least train.max_iters / {MAX_EVALS:,} (at most {MAX_EVALS:,} evaluations)",
             self.eval_interval,
+        )
+        yield (
+            self.processes == 1 or self.method == "minibatch",
+            "processes",
+            "1 with train.method counts (L-BFGS on the counts is one full batch)",
+            self.processes,
         )
         yield (
             self.warmup_iters < self.max_iters,

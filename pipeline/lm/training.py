@@ -54,6 +54,10 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     batches: torch.Generator
     step: int = 0
+    # The model's DistributedDataParallel wrapper when several processes train
+    # (pipeline.lm.distributed): a forward through it makes backward average the gradients of
+    # every process. Not saved: a run is resumed in the processes it is given.
+    ddp: torch.nn.Module | None = None
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -167,9 +171,12 @@ def lecture_step(
     config: TrainParams,
     generator: torch.Generator,
     first_iteration: int = 0,
+    ddp: torch.nn.Module | None = None,
 ) -> TrainStep:
     """The lecture's step: a random batch, its loss, zero_grad, backward, an optimizer step
-    (at the learning rate train.lr_schedule gives the step)."""
+    (at the learning rate train.lr_schedule gives the step). With ddp, the model's
+    DistributedDataParallel wrapper, the loss is computed through it, so that backward averages
+    the gradients of every process before the step."""
     iteration = first_iteration
 
     def step() -> None:
@@ -178,7 +185,7 @@ def lecture_step(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(iteration, config)
         inputs, targets = get_batch(tokens, config.batch_size, config.block_size, generator)
-        loss = model.batch_loss(inputs, targets)
+        loss = model.batch_loss(inputs, targets) if ddp is None else ddp(inputs, targets)[1]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -246,10 +253,12 @@ def choose_step(
 ) -> TrainStep:
     """The one place a step is chosen: for a bigram at a constant learning rate, closed form on
     a CPU and a replayed CUDA graph on CUDA (unless cuda_graph is False); the lecture's own step
-    for a GPT and elsewhere (MPS, eager CUDA, a schedule). All draw the same batches from
-    state's generator, seeded with train.seed."""
+    for a GPT and elsewhere (MPS, eager CUDA, a schedule, several processes). All draw the same
+    batches from state's generator, seeded with train.seed."""
     device = tokens.device
     optimizer, generator = state.optimizer, state.batches
+    if state.ddp is not None:  # The faster steps compute no gradient for DDP to average.
+        return lecture_step(model, optimizer, tokens, config, generator, state.step, state.ddp)
     if uses_cuda_graph(model, config, device, cuda_graph):
         assert isinstance(model, BigramLanguageModel)
         return CudaGraphStep(model, optimizer, tokens, config, generator)

@@ -29,6 +29,7 @@ interval paced to its length (pipeline.tracking.system_metrics).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from tqdm import tqdm
 from pipeline.cli import stage_entry_point
 from pipeline.determinism import pin_threads
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
+from pipeline.lm import distributed
 from pipeline.lm.bigram import BigramLanguageModel
 from pipeline.lm.checkpoints import Best, Checkpoint, fingerprint, load_checkpoint, save_checkpoint
 from pipeline.lm.counts import bigram_counts
@@ -227,16 +229,41 @@ def device_memory(device: torch.device) -> tuple[int | None, str]:
 
 def main() -> None:
     params = load_params()
+    world = distributed.world_from_env()
+    if world is None and params.train.processes > 1:
+        distributed.relaunch_under_torchrun(params.train.processes)  # does not return
+    if world is not None:
+        distributed.check_world(world, params.train.processes)
     pin_threads(params.train.threads)
     # A failed allocation anywhere in training (counts, batches, optimizer state) is one line.
     with out_of_memory_as_error(params.train):
-        train_and_log(params)
+        train_and_log(params, world)
+    if world is not None:
+        distributed.leave()
 
 
-def train_and_log(params: Params) -> None:
+def train_replica(
+    model: LanguageModel, splits: dict[str, torch.Tensor], config: TrainParams, state: TrainingState
+) -> None:
+    """A process of rank 1 and up: it trains, and leaves the losses, MLflow and the outputs to
+    rank 0."""
+    fit(
+        model,
+        splits["train_tokens"],
+        splits["train_counts"],
+        config,
+        lambda step: None,
+        tqdm(disable=True),
+        state,
+    )
+
+
+def train_and_log(params: Params, world: distributed.World | None = None) -> None:
     config = params.train
     corpus_sha256 = read_json(MANIFEST_PATH, MANIFEST_FIELDS)["corpus_sha256"]
     device = resolve_device(config.device)
+    if world is not None:
+        device = distributed.device_of(world, device)
     vocab, splits = load_splits(device, params.data.max_vocab_size)
     check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
     check_model_fits(params, len(vocab), *device_memory(device))
@@ -244,9 +271,23 @@ def train_and_log(params: Params) -> None:
     torch.manual_seed(config.seed)
     model = new_model(params, len(vocab)).to(device)
     state = new_training_state(model, config, device)
+    if world is not None:
+        # The same model everywhere; batches and dropout masks of each process's own.
+        state.ddp = distributed.join(world, model, device)
+        state.batches.manual_seed(config.seed + world.rank)
+        torch.manual_seed(config.seed + world.rank)
+        if not world.is_main:
+            train_replica(model, splits, config, state)
+            return
+        # A checkpoint would need every process's batches and RNG: none under torchrun.
+        config = dataclasses.replace(config, checkpoint_every=0)
+        print(
+            f"training in {world.size} processes (torchrun, DDP on {device.type}): "
+            f"{world.size} x {config.batch_size} sequences a step"
+        )
     checkpoint_id = checkpoint_fingerprint(params, device)
     path = checkpoint_file(checkpoint_id)
-    resumed = resume_from(path, checkpoint_id)
+    resumed = resume_from(path, checkpoint_id) if config.checkpoint_every else None
     progress = Progress()
     note = loss_curve_note(model, config)
     if resumed is not None:
