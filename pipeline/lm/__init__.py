@@ -9,7 +9,8 @@
 - ``tokens``: the vocabulary, the token files and the training batches drawn from them.
 - ``training``: the training loops: the lecture's step first, the fast steps beside it, and
   the ``TrainingState`` they change; ``checkpoints``: that state saved and loaded, so that a
-  killed run goes on exactly.
+  killed run goes on exactly; ``distributed``: several processes training one model (torchrun,
+  DistributedDataParallel).
 - ``lecture``: the lecture's plain loop, estimate and generate, the reference that the fast
   paths are checked against (tests and benchmarks import it from here); ``lecture_gpt``: the
   lecture's GPT the same way (a module per head), the peer of the GPT's benchmarks.
