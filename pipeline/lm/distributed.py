@@ -1,8 +1,8 @@
 """Training in several processes: PyTorch's launcher (torchrun) and DistributedDataParallel.
 
-With ``train.processes: N`` above 1 the train stage hands itself to torchrun
-(``python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stages.train``),
-which starts N copies of it with RANK, LOCAL_RANK and WORLD_SIZE set. Each copy builds the same
+With ``train.processes: N`` above 1 the train stage starts torchrun's launcher, as
+``torchrun --standalone --nproc-per-node N -m pipeline.stages.train`` would, which starts N copies
+of the stage with RANK, LOCAL_RANK and WORLD_SIZE set. Each copy builds the same
 model from train.seed, wraps it in DistributedDataParallel and trains on batches of its own
 (train.seed + rank draws them): DDP averages the N gradients in every backward pass, so one step
 sees N x train.batch_size sequences, the effective batch, at train.lr. Rank 0 alone estimates the
@@ -13,8 +13,11 @@ gloo connects the processes on CPUs, NCCL on GPUs (one GPU per process: cuda:LOC
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,26 +55,50 @@ def world_from_env() -> World | None:
     )
 
 
-def relaunch_under_torchrun(processes: int) -> None:
-    """Replace this process by torchrun running the train stage in ``processes`` processes.
+def launch(processes: int) -> None:
+    """Run the train stage in ``processes`` processes with torchrun's launcher (its Python API,
+    as `torchrun --standalone` sets it up), and return when all have ended.
 
-    exec, not a child: DVC's signals (Ctrl-C, a kill) reach torchrun itself, which passes them
-    on to every worker, and the stage's exit status is torchrun's.
+    Each process prints its own errors in one line, as any stage does; the launcher's report of
+    a failed process (a traceback of its own) is left out, and a process killed by a signal,
+    which printed nothing, is named in one line instead. The launcher passes Ctrl-C and SIGTERM
+    on to every process.
     """
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={processes}",
-        "-m",
-        STAGE_MODULE,
-    ]
-    # torchrun warns on stderr when it sets this itself; pin_threads sets torch's count anyway.
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The launcher warns when it sets this itself; each process's pin_threads sets torch's.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
     sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, command)
+    try:
+        elastic_launch(config, sys.executable)("-u", "-m", STAGE_MODULE)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode < 0:
+            name = signal.Signals(-failure.exitcode).name
+            raise PipelineError(
+                f"training process {rank} of {processes} was killed by {name}; "
+                "no partial output was left, rerun the stage"
+            ) from None
+        raise TrainingProcessFailed(failure.exitcode) from None
+
+
+class TrainingProcessFailed(Exception):
+    """A training process failed and said why; the stage exits with its status."""
+
+    def __init__(self, exitcode: int) -> None:
+        super().__init__(exitcode)
+        self.exitcode = exitcode
 
 
 def check_world(world: World, processes: int) -> None:

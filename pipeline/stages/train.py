@@ -231,7 +231,13 @@ def main() -> None:
     params = load_params()
     world = distributed.world_from_env()
     if world is None and params.train.processes > 1:
-        distributed.relaunch_under_torchrun(params.train.processes)  # does not return
+        # Bad input fails here in one line, before any process starts.
+        load_checked_inputs(params, resolve_device(params.train.device))
+        try:
+            distributed.launch(params.train.processes)
+        except distributed.TrainingProcessFailed as failed:
+            sys.exit(failed.exitcode)
+        return
     if world is not None:
         distributed.check_world(world, params.train.processes)
     pin_threads(params.train.threads)
@@ -240,6 +246,18 @@ def main() -> None:
         train_and_log(params, world)
     if world is not None:
         distributed.leave()
+
+
+def load_checked_inputs(
+    params: Params, device: torch.device
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The vocabulary and the splits on the device, once the context and the model are known to
+    fit them."""
+    vocab, splits = load_splits(device, params.data.max_vocab_size)
+    config = params.train
+    check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
+    check_model_fits(params, len(vocab), *device_memory(device))
+    return vocab, splits
 
 
 def train_replica(
@@ -264,9 +282,7 @@ def train_and_log(params: Params, world: distributed.World | None = None) -> Non
     device = resolve_device(config.device)
     if world is not None:
         device = distributed.device_of(world, device)
-    vocab, splits = load_splits(device, params.data.max_vocab_size)
-    check_block_size(config.block_size, len(splits["train_tokens"]), len(splits["val_tokens"]))
-    check_model_fits(params, len(vocab), *device_memory(device))
+    vocab, splits = load_checked_inputs(params, device)
     datasets = lineage.training_datasets(params, corpus_sha256)
     torch.manual_seed(config.seed)
     model = new_model(params, len(vocab)).to(device)
