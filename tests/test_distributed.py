@@ -7,11 +7,15 @@ averages two batches. Rank 0 alone logs: one training run, one model."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
 from testbed import mlflow_runs, run_stage, update_params
+from tests.support.stages import start_and_wait_for_training
 
 TINY_GPT = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
 TRAIN = {"max_iters": 200, "eval_interval": 100, "eval_iters": 20, "lr": 3e-3}
@@ -52,3 +56,36 @@ def test_two_processes_train_as_one_at_their_effective_batch(prepared_copy):
         same_batch,
         half_batch,
     )
+
+
+def process_of_rank(parent: int, rank: int) -> int:
+    """The pid of the training process of a rank, among the children of the stage's process."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no process of rank {rank} among {children}")
+
+
+@pytest.mark.e2e
+def test_a_killed_training_process_stops_the_stage_in_one_line(prepared_copy):
+    """SIGKILL (the out-of-memory killer) takes rank 1 mid-run: the others stop, the stage exits
+    non-zero naming the process and the signal, and the run does not stay RUNNING."""
+    repo, env = prepared_copy
+    update_params(
+        repo, model=TINY_GPT, train={**TRAIN, "max_iters": 100_000, "processes": 2, "batch_size": 8}
+    )
+    stage = start_and_wait_for_training([sys.executable, "-m", "pipeline.stages.train"], repo, env)
+    os.kill(process_of_rank(stage.pid, 1), signal.SIGKILL)
+    _, stderr = stage.communicate(timeout=120)
+
+    assert stage.returncode != 0
+    assert stderr.splitlines()[-1] == (
+        "error: training process 1 of 2 was killed by SIGKILL; no partial output was left, "
+        "rerun the stage"
+    ), stderr
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr
+    (training,) = [r for r in mlflow_runs(repo) if r.data.tags["stage"] == "train"]
+    assert training.info.status == "KILLED"
+    assert not (repo / "data/train/model.pt").exists()
