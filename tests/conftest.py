@@ -73,6 +73,8 @@ LONGEST_FIRST = (
     "test_disk_and_store_faults",
     "test_secrets",
     "test_sharing",
+    "test_distributed",
+    "test_share_experiments",
     "test_one_stage_per_job",
     "test_resume",
     "test_stage_imports",
