@@ -35,7 +35,7 @@ COLUMNS = (
     "parameters",
     "lr",
     "steps",
-    "batch x block",
+    "batch x block",  # processes x batch x block under torchrun
     "train loss",
     "val loss",
     "val bits/char",
@@ -108,6 +108,13 @@ def learning_rate(params: dict[str, str]) -> str:
     return lr if schedule == "constant" else f"{lr} {schedule}"
 
 
+def batch_shape(params: dict[str, str]) -> str:
+    """'32 x 8' (sequences x block), or '2 x 16 x 64' for 2 processes of 16 sequences each."""
+    shape = f"{params['train.batch_size']} x {params['train.block_size']}"
+    processes = params.get("train.processes", "1")  # runs logged before the param existed
+    return shape if processes == "1" else f"{processes} x {shape}"
+
+
 def wall_time(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.1f} s"
@@ -132,7 +139,7 @@ def entry(run: Run) -> Entry | None:
         parameters=parameters,
         lr="L-BFGS" if counts else learning_rate(params),
         steps=params["train.max_iters"],
-        batch="all" if counts else f"{params['train.batch_size']} x {params['train.block_size']}",
+        batch="all" if counts else batch_shape(params),
         train_loss=metrics["train_loss"],
         val_loss=metrics["val_loss"],
         val_bits=metrics["val_bits_per_char"],

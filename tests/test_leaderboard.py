@@ -72,7 +72,8 @@ def test_the_leaderboard_ranks_every_evaluated_training_run_by_val_loss(tmp_path
     bigrams, ladder = client.create_experiment("bigram"), client.create_experiment("ladder")
     training_run(client, bigrams, "main@1234567", BIGRAM | MINIBATCH, 2.4865, 4.5)
     baby = training_run(client, ladder, "baby-gpt", BABY_GPT, 1.7262, 389)
-    training_run(client, ladder, "small-gpt", SMALL_GPT, 1.9679, 180)
+    # Trained in two processes (torchrun): its batch is theirs.
+    training_run(client, ladder, "small-gpt", SMALL_GPT | {"train.processes": "2"}, 1.9679, 180)
     training_run(client, ladder, "counts", BIGRAM | {"train.method": "counts"}, 2.4519, 3)
     training_run(client, ladder, "killed", SMALL_GPT, 1.5, 60, RunStatus.to_string(4))
     training_run(client, ladder, "not evaluated", SMALL_GPT, None, 60)
@@ -112,6 +113,7 @@ def test_the_leaderboard_ranks_every_evaluated_training_run_by_val_loss(tmp_path
     )
     small = dict(zip(header, rows[1], strict=True))
     assert small["model"] == "gpt 3L 4H 32E" and small["parameters"] == "42,369"
+    assert small["batch x block"] == "2 x 32 x 8"
     counts = dict(zip(header, rows[2], strict=True))
     assert counts["lr"] == "L-BFGS" and counts["batch x block"] == "all"
     bigram = dict(zip(header, rows[3], strict=True))
