@@ -16,6 +16,8 @@ commands change: copies get params.yaml as committed at HEAD.
   update_params, commit_all.
 - Processes: pipeline_env, run, run_stage; serve_directory, free_port.
 - What a run left behind: assert_one_line_error, files_in, mlflow_runs, run_statuses.
+- Servers on 127.0.0.1: background (any server process, until it answers), mlflow_server,
+  s3_server (moto's S3-compatible server, S3Server).
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ import contextlib
 import functools
 import http.server
 import os
+import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ruamel.yaml import YAML
@@ -281,3 +287,129 @@ def mlflow_runs(repo: Path) -> list:
 def run_statuses(repo: Path) -> dict[str, str]:
     """{run id: status}: a failed or killed stage must leave none RUNNING."""
     return {found.info.run_id: found.info.status for found in mlflow_runs(repo)}
+
+
+# Servers on 127.0.0.1 ----------------------------------------------------------------------
+# How long a background server may take to answer its ready URL.
+START_TIMEOUT_S = 120
+
+
+def answers_200(url: str) -> bool:
+    import urllib.request
+
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+        return response.status == 200
+    return False
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -> Iterator[None]:
+    """Run a server in its own process group until ready_url answers 200; stop it afterwards."""
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            cmd,
+            cwd=log.parent,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"{cmd[:3]} exited:\n{log.read_text()[-3000:]}"
+            if answers_200(ready_url):
+                break
+            assert time.monotonic() < deadline, f"{cmd[:3]} not ready:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    backend_uri: str, workdir: Path, env: dict[str, str], artifacts: str | None = None
+) -> Iterator[str]:
+    """`mlflow server` proxying artifacts (--serve-artifacts) into artifacts, a directory or an
+    ``s3://`` URI (then env holds the AWS variables and MLFLOW_S3_ENDPOINT_URL), by default
+    workdir/artifacts. Clients need no access to the artifacts: they go through the server."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts or str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    with background(cmd, f"{url}/health", workdir / "server.log", env):
+        yield url
+
+
+# An S3-compatible server: moto's server mode, which speaks the S3 protocol to real clients
+# (boto3 in MLflow's server, s3fs in dvc-s3). Credentials reach every client through the usual
+# AWS variables; the secret key is new for each server, so that tests can look for it wherever
+# it must not be.
+ACCESS_KEY_ID = "AKIABIGRAMTESTS00001"
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    secret_key: str
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        """The AWS variables every S3 client reads (boto3, s3fs, the AWS CLI)."""
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": REGION,
+        }
+
+    def client(self):
+        import boto3  # only where a test talks to the server
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY_ID,
+            aws_secret_access_key=self.secret_key,
+            region_name=REGION,
+        )
+
+    def new_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object's key under prefix, as S3's ListObjectsV2 pages them."""
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@contextlib.contextmanager
+def s3_server(workdir: Path) -> Iterator[S3Server]:
+    port = free_port()
+    cmd = [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    env = {"PATH": os.environ["PATH"], "HOME": str(workdir)}
+    with background(cmd, f"http://127.0.0.1:{port}/moto-api/", workdir / "moto.log", env):
+        yield S3Server(f"http://127.0.0.1:{port}", secrets.token_urlsafe(30))

@@ -16,8 +16,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.measure import Row, fmt_seconds, interleaved_medians
-from tests.support.s3 import s3_server
-from tests.support.servers import mlflow_server
+from testbed import mlflow_server, s3_server
 
 SIZES_MB = (1, 13, 43)
 

@@ -27,19 +27,20 @@ from pipeline.errors import PipelineError
 from pipeline.params import load_params
 from pipeline.stages.download import corpus_source, download_verified
 from testbed import (
+    S3Server,
     commit_all,
     copy_repo_with_store,
     copy_trained_repo,
     make_fast_repo_copy,
     pipeline_env,
     run,
+    s3_server,
     serve_directory,
     update_params,
     write_committed_params,
 )
 from tests.support.experiments import Experiments
 from tests.support.models import make_workspace
-from tests.support.s3 import S3Server, s3_server
 from tests.support.servers import start_faulty_server
 from tests.support.stages import exp_run
 

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from testbed import VENV_BIN, copy_repo_with_store, free_port, run
-from tests.support.servers import background, request_json
+from testbed import VENV_BIN, background, copy_repo_with_store, free_port, run
+from tests.support.servers import request_json
 from tests.support.store import train_runs
 
 pytestmark = pytest.mark.e2e

@@ -29,6 +29,7 @@ from testbed import (
     REPO_ROOT,
     VENV_BIN,
     assert_one_line_error,
+    background,
     files_in,
     free_port,
     run_stage,
@@ -38,7 +39,7 @@ from testbed import (
 )
 from tests.support.models import CHARS, log_generator, model_temp_dirs
 from tests.support.params import load_error, write_params
-from tests.support.servers import background, request_json
+from tests.support.servers import request_json
 
 # Params ------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from pipeline.secrets import drops_credentials, masked, split_credentials
 from testbed import (
     VENV_BIN,
     assert_one_line_error,
+    background,
     free_port,
     mlflow_runs,
     pipeline_env,
@@ -26,7 +27,6 @@ from testbed import (
     run_statuses,
 )
 from tests.support.faults import basic_auth_server, files_holding
-from tests.support.servers import background
 
 # Made up per test session, so that no file (this one in a repo copy included) holds it before.
 PASSWORD = f"pw-{secrets.token_hex(12)}"

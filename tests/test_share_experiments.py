@@ -11,8 +11,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from testbed import run
-from tests.support.servers import mlflow_server
+from testbed import mlflow_server, run
 
 
 def exp_rows(repo: Path, env: dict) -> dict[str, dict]:

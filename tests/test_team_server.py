@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.secrets import masked
 from pipeline.tracking import lineage, store
 from pipeline.tracking.checkpoints import CHECKPOINT_MODEL_TYPE
-from testbed import VENV_BIN, copy_trained_repo, free_port, run
+from testbed import VENV_BIN, background, copy_trained_repo, free_port, mlflow_server, run
 from tests.support.experiments import (
     check_experiments_in_store,
     check_registry,
@@ -40,7 +40,7 @@ from tests.support.experiments import (
     wait_for_queue,
 )
 from tests.support.faults import files_holding
-from tests.support.servers import background, mlflow_server, request_json
+from tests.support.servers import request_json
 
 pytestmark = pytest.mark.e2e
 
@@ -122,7 +122,7 @@ def runs_by_stage(client: MlflowClient) -> dict[str, list]:
     return grouped
 
 
-def files_in(directory: Path) -> set[str]:
+def stored_files(directory: Path) -> set[str]:
     """The paths of the files under a server's artifacts directory, relative to it."""
     return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
 
@@ -274,7 +274,7 @@ def test_two_queue_workers_log_through_a_server_on_sqlite_which_fails_fast_when_
         assert len(training_runs(client)) == 2
         check_registry(client, runs)
         for training in runs:
-            check_run_on_server(training, url, files_in(tmp_path / "artifacts"))
+            check_run_on_server(training, url, stored_files(tmp_path / "artifacts"))
         assert not (repo / "mlflow.db").exists() and not (repo / "mlartifacts").exists()
 
     stage = ["dvc", "repro", "--force", "--single-item", "train"]

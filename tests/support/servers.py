@@ -1,5 +1,6 @@
-"""HTTP on 127.0.0.1: a corpus server with every fault a mirror can have, a server process run
-in the background until it answers, `mlflow server`, and a small JSON client."""
+"""HTTP on 127.0.0.1: a corpus server with every fault a mirror can have, and a small JSON
+client. Server processes (`mlflow server`, the S3 server) are testbed's: benchmarks start them
+too."""
 
 from __future__ import annotations
 
@@ -7,18 +8,11 @@ import collections
 import contextlib
 import http.server
 import json
-import os
-import signal
-import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
-
-from testbed import VENV_BIN, free_port
 
 WRONG_BODY = b"To be, or not to be: that is not the corpus.\n"
 SENT_BEFORE_STALL = 64 * 1024
@@ -26,8 +20,6 @@ SENT_BEFORE_STALL = 64 * 1024
 DRIP_INTERVAL_S = 0.05
 # What an endless source sends at most before it stops by itself.
 ENDLESS_BYTES = 256 << 20
-# How long a background server may take to answer its ready URL.
-START_TIMEOUT_S = 120
 
 
 class FaultyHandler(http.server.BaseHTTPRequestHandler):
@@ -129,63 +121,3 @@ def request_json(url: str, payload: dict | None = None, timeout: float = 30) -> 
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-@contextlib.contextmanager
-def background(cmd: list[str], ready_url: str, log: Path, env: dict[str, str]) -> Iterator[None]:
-    """Run a server in its own process group until ready_url answers 200; stop it afterwards."""
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(
-            cmd,
-            cwd=log.parent,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"{cmd[:3]} exited:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(OSError):
-                if request_json(ready_url, timeout=2)[0] == 200:
-                    break
-            assert time.monotonic() < deadline, f"{cmd[:3]} not ready:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@contextlib.contextmanager
-def mlflow_server(
-    backend_uri: str, workdir: Path, env: dict[str, str], artifacts: str | None = None
-) -> Iterator[str]:
-    """`mlflow server` proxying artifacts (--serve-artifacts) into artifacts, a directory or an
-    ``s3://`` URI (then env holds the AWS variables and MLFLOW_S3_ENDPOINT_URL), by default
-    workdir/artifacts. Clients need no access to the artifacts: they go through the server."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [
-        str(VENV_BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        backend_uri,
-        "--serve-artifacts",
-        "--artifacts-destination",
-        artifacts or str(workdir / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    with background(cmd, f"{url}/health", workdir / "server.log", env):
-        yield url
