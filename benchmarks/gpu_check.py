@@ -9,7 +9,9 @@ and the lecture's reference, and reads the corpus from the pipeline's data/raw/i
 2. steps/s of the lecture's loop, of our eager CUDA step and of our CUDA-graph step, on one GPU;
 3. the final exact losses of a default 3000-step run on the GPU against the same run on the CPU;
 4. the full GPT (benchmarks/gpt_gpu.py): tokens/s and MFU in float32, bf16 and bf16 compiled,
-   then the lecture's 5000-step run, or as many steps as fit in --gpt-seconds, and its val loss.
+   then the lecture's 5000-step run, or as many steps as fit in --gpt-seconds, and its val loss;
+5. the full GPT in one process per GPU under torchrun's launcher, DDP over NCCL
+   (benchmarks/ddp_gpu.py): what the train stage runs with train.processes.
 
 On a machine without CUDA it says so and skips all three. It exits non-zero when a test fails.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import gpt_gpu
+from benchmarks import ddp_gpu, gpt_gpu
 from benchmarks.measure import REPO_ROOT, Row, format_table, interleaved_medians, machine_summary
 from benchmarks.workload import Workload, find_corpus, load_workload
 from pipeline.lm import lecture
@@ -157,6 +159,17 @@ def gpt_rows(work: Workload, steps: int, seconds_budget: float) -> list[Row]:
     return rows + gpt_gpu.full_run_rows(work, config, train, cuda, seconds_budget, fastest)
 
 
+def ddp_rows(work: Workload, steps: int) -> list[Row]:
+    """The full GPT on every GPU, one process each; a failure is a row, not the end of the
+    report (this part has only run on a CPU so far)."""
+    config, train = gpt_gpu.full_gpt(work.vocab_size)
+    processes = torch.cuda.device_count()
+    try:
+        return ddp_gpu.ddp_rows(work, config, train, "cuda", processes, steps)
+    except Exception as error:  # reported in the table
+        return [Row("GPU DDP", f"{processes} process(es), NCCL", "", f"failed: {error}"[:200])]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__)
     parser.add_argument("--corpus", help="Tiny Shakespeare (default: data/raw/input.txt)")
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = step_rate_rows(work, args.steps, args.repeats) + default_run_rows(work)
     print(format_table(rows), flush=True)  # the bigram's rows survive a GPT part cut short
     rows += gpt_rows(work, args.gpt_steps, args.gpt_seconds)
+    rows += ddp_rows(work, args.gpt_steps)
     report = "\n".join(
         [
             summary,

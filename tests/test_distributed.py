@@ -89,3 +89,20 @@ def test_a_killed_training_process_stops_the_stage_in_one_line(prepared_copy):
     (training,) = [r for r in mlflow_runs(repo) if r.data.tags["stage"] == "train"]
     assert training.info.status == "KILLED"
     assert not (repo / "data/train/model.pt").exists()
+
+
+def test_the_gpu_checks_ddp_part_runs_at_a_tiny_size_on_the_cpu(shakespeare_corpus):
+    """`make gpu-check` runs benchmarks/ddp_gpu.py on every GPU of a lent machine (NCCL); the
+    same code here in two gloo processes on the CPU."""
+    from benchmarks import ddp_gpu
+    from benchmarks.workload import load_workload
+    from pipeline.lm.gpt import GPTConfig
+    from pipeline.lm.lecture import lecture_train_params
+
+    work = load_workload(shakespeare_corpus)
+    config = GPTConfig(work.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+    train = lecture_train_params(batch_size=4, block_size=8, eval_iters=2, lr=1e-3)
+    (row,) = ddp_gpu.ddp_rows(work, config, train, "cpu", processes=2, steps=5)
+    assert row.target == "DDP" and "2 process(es), gloo" in row.measure
+    tokens_per_s, val = row.ours.split(" tokens/s; val ")
+    assert float(tokens_per_s.replace(",", "")) > 0 and 0 < float(val) < 5
