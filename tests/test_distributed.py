@@ -47,6 +47,10 @@ def test_two_processes_train_as_one_at_their_effective_batch(prepared_copy):
     assert training.info.status == "FINISHED"
     assert training.data.params["train.processes"] == "2"
     assert not any(r.info.status == "RUNNING" for r in mlflow_runs(repo))
+    # Exact like one process: the same two processes again give the same bytes.
+    model = (repo / "data/train/model.pt").read_bytes()
+    assert trained_val_loss(repo, env, processes=2, batch_size=8)[0] == together
+    assert (repo / "data/train/model.pt").read_bytes() == model
 
     same_batch, _ = trained_val_loss(repo, env, processes=1, batch_size=16)
     half_batch, _ = trained_val_loss(repo, env, processes=1, batch_size=8)

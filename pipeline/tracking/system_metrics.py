@@ -75,11 +75,14 @@ def system_metrics(run_id: str) -> Iterator[Callable[[float], None]]:
     if not enabled():
         yield lambda done: None
         return
-    # MLflow says at INFO on stderr that it starts and stops, and that there is no GPU to watch.
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # Best effort, and silent: MLflow says at INFO on stderr that it starts and stops and that
+    # there is no GPU to watch, and warns when a sample cannot be logged; a store that fails
+    # fails the stage's own writes too, whose one-line error is the one to read.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.CRITICAL)
     monitor = RunMonitor(run_id)
     monitor.start()
     try:
         yield monitor.pace
     finally:
-        monitor.finish()
+        with contextlib.suppress(Exception):
+            monitor.finish()

@@ -23,6 +23,11 @@ CPU_SYSTEM_METRICS = frozenset(
 )
 
 
+def model_metrics(run) -> dict[str, float]:
+    """A run's metrics but the system metrics of the machine it ran on (CPU, memory, ...)."""
+    return {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}
+
+
 def client_for(repo: Path) -> MlflowClient:
     """A client on the repo copy's SQLite store."""
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
