@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 from tqdm import tqdm
 
 from benchmarks.measure import Row
@@ -27,6 +28,9 @@ from pipeline.lm.training import estimated_losses, new_training_state, train_min
 from pipeline.params import TrainParams
 
 
+# record: a process that raises writes its traceback where the launcher reads it, so that the
+# error names the cause instead of "exitcode: 1".
+@record
 def train_one_process(
     corpus: Path, config: GPTConfig, train: TrainParams, device_type: str
 ) -> tuple[float, float]:
@@ -73,7 +77,16 @@ def ddp_rows(
         rdzv_endpoint="localhost:0",
         max_restarts=0,
     )
-    results = elastic_launch(launch, train_one_process)(work.corpus, config, run, device_type)
+    try:
+        results = elastic_launch(launch, train_one_process)(work.corpus, config, run, device_type)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        # What @record wrote: {"message": "ValueError: ...", "extraInfo": {"py_callstack": ...}}.
+        cause = failure.message.get("message") if isinstance(failure.message, dict) else None
+        raise RuntimeError(
+            f"DDP process {rank} of {processes} failed (exit {failure.exitcode}): "
+            f"{cause or failure.message or 'no error recorded'}"
+        ) from None
     seconds, val = results[0]
     tokens_per_s = processes * train.batch_size * train.block_size * steps / seconds
     backend = "NCCL" if device_type == "cuda" else "gloo"

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from testbed import mlflow_runs, run_stage, update_params
+from testbed import REPO_ROOT, mlflow_runs, run_stage, update_params
 from tests.support.stages import start_and_wait_for_training
 
 TINY_GPT = {"type": "gpt", "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0}
@@ -95,18 +96,36 @@ def test_a_killed_training_process_stops_the_stage_in_one_line(prepared_copy):
     assert not (repo / "data/train/model.pt").exists()
 
 
+# What `make gpu-check` runs for its DDP part, at a tiny size, on the CPU: a fresh interpreter, as
+# the GPU check is, so that nothing an earlier test did in this process reaches the launcher.
+DDP_PART_ON_THE_CPU = """
+import json, sys
+from pathlib import Path
+from benchmarks import ddp_gpu
+from benchmarks.workload import load_workload
+from pipeline.lm.gpt import GPTConfig
+from pipeline.lm.lecture import lecture_train_params
+
+work = load_workload(Path(sys.argv[1]))
+config = GPTConfig(work.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
+train = lecture_train_params(batch_size=4, block_size=8, eval_iters=2, lr=1e-3)
+(row,) = ddp_gpu.ddp_rows(work, config, train, "cpu", processes=2, steps=5)
+print(json.dumps({"target": row.target, "measure": row.measure, "ours": row.ours}))
+"""
+
+
 def test_the_gpu_checks_ddp_part_runs_at_a_tiny_size_on_the_cpu(shakespeare_corpus):
     """`make gpu-check` runs benchmarks/ddp_gpu.py on every GPU of a lent machine (NCCL); the
     same code here in two gloo processes on the CPU."""
-    from benchmarks import ddp_gpu
-    from benchmarks.workload import load_workload
-    from pipeline.lm.gpt import GPTConfig
-    from pipeline.lm.lecture import lecture_train_params
-
-    work = load_workload(shakespeare_corpus)
-    config = GPTConfig(work.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)
-    train = lecture_train_params(batch_size=4, block_size=8, eval_iters=2, lr=1e-3)
-    (row,) = ddp_gpu.ddp_rows(work, config, train, "cpu", processes=2, steps=5)
-    assert row.target == "DDP" and "2 process(es), gloo" in row.measure
-    tokens_per_s, val = row.ours.split(" tokens/s; val ")
+    result = subprocess.run(
+        [sys.executable, "-c", DDP_PART_ON_THE_CPU, str(shakespeare_corpus)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.splitlines()[-1])
+    assert row["target"] == "DDP" and "2 process(es), gloo" in row["measure"]
+    tokens_per_s, val = row["ours"].split(" tokens/s; val ")
     assert float(tokens_per_s.replace(",", "")) > 0 and 0 < float(val) < 5
