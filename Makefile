@@ -20,7 +20,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: install lock repro pipeline-lock plots leaderboard test test-fast lint format bench gpu-check clean
+.PHONY: install lock repro pipeline-lock plots leaderboard ladder test test-fast lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -60,6 +60,24 @@ plots: $(STAMP)
 # (printed, and written to leaderboard.md).
 leaderboard: $(STAMP)
 	$(BIN)/python -m pipeline.leaderboard --output leaderboard.md
+
+# The ladder's CPU steps (docs/LADDER.md), each trained anew (-f) from the committed params in a
+# temporary copy (--temp: the workspace is left as it is), logged to a store of their own,
+# ladder.db; then their leaderboard replaces the table of docs/LADDER.md. About 25 minutes on
+# 2 cores.
+SMALL_GPT := -S model.type=gpt -S train.lr=1e-3 -S train.max_iters=5000 -S train.eval_interval=500
+BABY_GPT := -S model.type=gpt -S model.n_layer=4 -S model.n_head=4 -S model.n_embd=128 \
+	-S train.block_size=64 -S train.batch_size=12 -S train.max_iters=2000 \
+	-S train.eval_interval=250 -S train.lr=1e-3 -S train.eval_iters=20
+LADDER_RUN = PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/ladder.db \
+	$(BIN)/dvc exp run --temp -f
+ladder: $(STAMP)
+	$(LADDER_RUN) -n bigram
+	$(LADDER_RUN) -n small-gpt $(SMALL_GPT)
+	$(LADDER_RUN) -n baby-gpt $(BABY_GPT)
+	$(LADDER_RUN) -n baby-gpt-cosine $(BABY_GPT) -S train.lr_schedule=cosine -S train.warmup_iters=100
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/ladder.db $(BIN)/python -m pipeline.leaderboard \
+		--into docs/LADDER.md
 
 # Lint and type check first (`make lint`), then the whole suite on every core (pytest-xdist; a
 # test file stays on one worker, so that its module fixtures are built once; the longest files

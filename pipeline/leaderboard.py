@@ -3,7 +3,9 @@ val loss first, as one Markdown table.
 
     python -m pipeline.leaderboard                        # print it
     python -m pipeline.leaderboard --output leaderboard.md  # and write it to a file
+    python -m pipeline.leaderboard --into docs/LADDER.md    # replace the table in a page
     make leaderboard
+    make ladder                                           # run the ladder, then --into
 
 The store is the pipeline's (``mlflow.db`` at the repository root, or ``$MLFLOW_TRACKING_URI``);
 every experiment in it is read. A row is a FINISHED training run that the evaluate stage has
@@ -11,6 +13,10 @@ given its exact losses: the run's name (the DVC experiment's), the model and its
 the params that differ between the ladder's steps, the exact train and val loss, val bits per
 character, the training's wall time and the run's page in MLflow's UI. Runs still training,
 failed or killed are left out.
+
+``--into`` replaces what lies between the lines ``<!-- leaderboard -->`` and
+``<!-- /leaderboard -->`` of a Markdown page, without the run-page column: a page kept in git is
+read by people who do not have the store those links open.
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.cli import stage_entry_point
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_open
 from pipeline.lm.sizes import GPTConfig, parameter_count
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
+PAGE_COLUMN = "run page"
 COLUMNS = (
     "#",
     "run",
@@ -40,8 +48,10 @@ COLUMNS = (
     "val loss",
     "val bits/char",
     "training wall",
-    "run page",
+    PAGE_COLUMN,
 )
+# The lines between which --into writes the table.
+START_MARKER, END_MARKER = "<!-- leaderboard -->", "<!-- /leaderboard -->"
 # Numbers are right-aligned, so that their digits line up.
 NUMERIC = {"#", "parameters", "steps", "train loss", "val loss", "val bits/char", "training wall"}
 # The metrics the evaluate stage adds to a training run: a run without them was not evaluated.
@@ -166,10 +176,32 @@ def leaderboard_entries() -> list[Entry]:
     return sorted(entries, key=lambda e: e.val_loss)
 
 
-def markdown_table(entries: list[Entry]) -> str:
+def markdown_table(entries: list[Entry], links: bool = True) -> str:
+    """The table; without links, without the run-page column (the last)."""
+    width = len(COLUMNS) if links else COLUMNS.index(PAGE_COLUMN)
     rule = ["---:" if column in NUMERIC else "---" for column in COLUMNS]
-    lines = [COLUMNS, rule, *(e.cells(rank) for rank, e in enumerate(entries, 1))]
-    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+    rows = (e.cells(rank) for rank, e in enumerate(entries, 1))
+    lines = [COLUMNS, rule, *rows]
+    return "".join("| " + " | ".join(line[:width]) + " |\n" for line in lines)
+
+
+def write_into(page: Path, table: str) -> None:
+    """Replace the lines between the page's markers with the table, atomically."""
+    try:
+        text = page.read_text(encoding="utf-8")
+    except OSError as error:
+        raise PipelineError(
+            f"cannot read {page} ({error.strerror}): pass an existing page to --into"
+        ) from None
+    before, start, rest = text.partition(f"{START_MARKER}\n")
+    _, end, after = rest.partition(f"{END_MARKER}\n")
+    if not start or not end:
+        raise PipelineError(
+            f"{page} has no lines {START_MARKER} and {END_MARKER}: put them around the table "
+            "that --into replaces"
+        )
+    with atomic_open(page, encoding="utf-8") as handle:
+        handle.write(f"{before}{START_MARKER}\n{table}{END_MARKER}\n{after}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -177,6 +209,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m pipeline.leaderboard", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument(
+        "--into",
+        type=Path,
+        metavar="PAGE",
+        help=f"replace the table between {START_MARKER} and {END_MARKER} in this Markdown page "
+        "(without the run-page links)",
+    )
     return parser.parse_args(argv)
 
 
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.output:
         with atomic_open(args.output) as handle:
             handle.write(table)
+    if args.into:
+        write_into(args.into, markdown_table(entries, links=False))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -91,6 +92,22 @@ LONGEST_FIRST = (
     "test_quiet",
     "test_run_summary",
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start every child with the stop signals a terminal gives it, however the suite was started.
+
+    A program ignores at start what its parent ignored (`nohup` ignores SIGHUP; a shell without
+    job control runs `cmd &` with SIGINT ignored) and so do its children after exec, the stages
+    included, which rightly keep an ignored signal ignored. The tests that send a stage Ctrl-C or
+    SIGHUP would then wait for a stage that never heard it. Any handler here, unlike SIG_IGN,
+    becomes the default in a child.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGQUIT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

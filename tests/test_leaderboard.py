@@ -120,6 +120,61 @@ def test_the_leaderboard_ranks_every_evaluated_training_run_by_val_loss(tmp_path
     assert bigram["parameters"] == "4,225" and bigram["training wall"] == "4.5 s"
 
 
+def leaderboard(uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.leaderboard", *args],
+        cwd=REPO_ROOT,
+        env={"MLFLOW_TRACKING_URI": uri, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_into_replaces_the_table_of_a_page_between_its_markers(tmp_path):
+    """`make ladder` writes the table of docs/LADDER.md so; the page keeps the rest, and its table
+    has no run-page links (its readers do not have the store they open)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    ladder = client.create_experiment("ladder")
+    training_run(client, ladder, "small-gpt", SMALL_GPT, 1.9679, 180)
+    training_run(client, ladder, "bigram", BIGRAM | MINIBATCH, 2.4865, 4.5)
+    page = tmp_path / "LADDER.md"
+    page.write_text(
+        "# Ladder\n\n<!-- leaderboard -->\n| old | table |\n<!-- /leaderboard -->\nAfter.\n"
+    )
+
+    result = leaderboard(uri, "--into", str(page))
+
+    assert result.returncode == 0, result.stderr
+    text = page.read_text()
+    assert text.startswith("# Ladder\n\n<!-- leaderboard -->\n| # | run | model |")
+    assert text.endswith("|\n<!-- /leaderboard -->\nAfter.\n")
+    table = text.split("<!-- leaderboard -->\n")[1].split("<!-- /leaderboard -->")[0]
+    lines = table.splitlines()
+    assert len(lines) == 4 and "old" not in table and "open" not in table
+    assert "run page" not in lines[0] and lines[0].endswith("| training wall |")
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["small-gpt", "bigram"]
+    # The printed table keeps its links.
+    assert "[open](http://127.0.0.1:5000/" in result.stdout
+
+
+def test_into_a_page_without_markers_names_them_and_leaves_it_untouched(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    training_run(client, client.create_experiment("ladder"), "bigram", BIGRAM, 2.4865, 4.5)
+    page = tmp_path / "LADDER.md"
+    page.write_text("# Ladder\n| a hand-made table |\n")
+
+    result = leaderboard(uri, "--into", str(page))
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"error: {page} has no lines <!-- leaderboard --> and <!-- /leaderboard -->: put them "
+        "around the table that --into replaces"
+    )
+    assert page.read_text() == "# Ladder\n| a hand-made table |\n"
+
+
 def test_an_empty_store_says_what_to_run(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.leaderboard"],
