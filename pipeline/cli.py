@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
-from pipeline.errors import PipelineError, StageInterrupted, disk_full_cause
+from pipeline.errors import PeerProcessEnded, PipelineError, StageInterrupted, disk_full_cause
 from pipeline.secrets import masked
 
 EXIT_ERROR = 1
@@ -107,7 +107,7 @@ def _raise_interrupted(signum, frame):
     # The first stop unwinds main(); a second must not cut that clean-up short (its MLflow run
     # would be left for MLflow's exit handler to end FINISHED). When dvc dies, the kernel's
     # SIGTERM (end_with_parent) and DVC's own can arrive together; or Ctrl-C is pressed twice.
-    _ignore_interrupt_signals()
+    ignore_interrupt_signals()
     raise StageInterrupted(stop_reason(signum))
 
 
@@ -201,8 +201,9 @@ def watch_pipeline(shell_pid: int) -> None:
     threading.Thread(target=watch, name="watch-pipeline", daemon=True).start()
 
 
-def _ignore_interrupt_signals() -> None:
-    """The stage's work is done: a stop signal now has nothing left to stop.
+def ignore_interrupt_signals() -> None:
+    """The stage's work is done, or its clean-up under way: a stop signal now has nothing left
+    to stop, and must not cut the clean-up short.
 
     SIG_IGN holds through the interpreter's shutdown, where Python handlers no longer run.
     """
@@ -250,6 +251,8 @@ def stage_entry_point(
             main()
         except PipelineError as error:
             fail(str(error))
+        except PeerProcessEnded:
+            sys.exit(EXIT_INTERRUPTED)
         except (KeyboardInterrupt, StageInterrupted) as interruption:
             how = str(interruption) or stop_reason(signal.SIGINT)
             print(f"error: {how}; no partial output was left, rerun the stage", file=sys.stderr)
@@ -260,6 +263,6 @@ def stage_entry_point(
             if full is not None:
                 fail(disk_full_message(full))
             fail_with_traceback()
-        _ignore_interrupt_signals()
+        ignore_interrupt_signals()
 
     return wrapper

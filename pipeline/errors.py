@@ -18,6 +18,13 @@ class StageInterrupted(BaseException):
     """
 
 
+class PeerProcessEnded(StageInterrupted):
+    """Another training process of the stage (torchrun) ended mid-step, so this one's exchange
+    with it failed: this process stops as a signal stops it (its run ends KILLED, no partial
+    output is left) and prints nothing, since the launcher names the process that ended and how.
+    """
+
+
 # A full file system, a full quota, or the file size limit (ulimit -f, RLIMIT_FSIZE).
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -96,6 +96,22 @@ def test_a_killed_training_process_stops_the_stage_in_one_line(prepared_copy):
     assert not (repo / "data/train/model.pt").exists()
 
 
+def test_a_lost_peer_is_told_from_the_processs_own_errors():
+    """When rank 1 is killed, rank 0's gradient exchange may fail before the launcher stops it:
+    that failure (gloo's words) stops it quietly; its own errors keep their traceback."""
+    from pipeline.lm.distributed import peer_ended
+
+    assert peer_ended(
+        RuntimeError(
+            "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+            "[127.0.0.1]:64647: Connection reset by peer. This is typically caused by a remote "
+            "worker hanging or bugs in the application."
+        )
+    )
+    assert not peer_ended(RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x16 and 8x16)"))
+    assert not peer_ended(ConnectionResetError("Connection reset by peer"))  # not an exchange
+
+
 # What `make gpu-check` runs for its DDP part, at a tiny size, on the CPU: a fresh interpreter, as
 # the GPU check is, so that nothing an earlier test did in this process reaches the launcher.
 DDP_PART_ON_THE_CPU = """

@@ -83,7 +83,9 @@ def launch(processes: int) -> None:
     try:
         elastic_launch(config, sys.executable)("-u", "-m", STAGE_MODULE)
     except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
+        # A process killed by a signal first: the others then fail or stop because it is gone.
+        signalled = [(r, f) for r, f in error.failures.items() if f.exitcode < 0]
+        rank, failure = signalled[0] if signalled else error.get_first_failure()
         if failure.exitcode < 0:
             name = signal.Signals(-failure.exitcode).name
             raise PipelineError(
@@ -99,6 +101,21 @@ class TrainingProcessFailed(Exception):
     def __init__(self, exitcode: int) -> None:
         super().__init__(exitcode)
         self.exitcode = exitcode
+
+
+# What gloo and NCCL say when the process at the other end of an exchange is gone.
+PEER_GONE = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "remote process exited",
+)
+
+
+def peer_ended(error: BaseException) -> bool:
+    """Whether error is a gradient exchange (or barrier) that failed because another process of
+    the launch ended: the launcher reports that process, so this one has nothing to add."""
+    return isinstance(error, RuntimeError) and any(gone in str(error) for gone in PEER_GONE)
 
 
 def check_world(world: World, processes: int) -> None:

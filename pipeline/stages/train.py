@@ -29,9 +29,10 @@ interval paced to its length (pipeline.tracking.system_metrics).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,9 @@ import torch
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from tqdm import tqdm
 
-from pipeline.cli import stage_entry_point
+from pipeline.cli import ignore_interrupt_signals, stage_entry_point
 from pipeline.determinism import pin_threads
+from pipeline.errors import PeerProcessEnded
 from pipeline.files import atomic_path, file_sha256, outputs_removed_on_failure, read_json
 from pipeline.lm import distributed
 from pipeline.lm.bigram import BigramLanguageModel
@@ -245,7 +247,22 @@ def main() -> None:
     with out_of_memory_as_error(params.train):
         train_and_log(params, world)
     if world is not None:
-        distributed.leave()
+        with stopped_when_a_peer_ends(world):
+            distributed.leave()
+
+
+@contextlib.contextmanager
+def stopped_when_a_peer_ends(world: distributed.World | None) -> Iterator[None]:
+    """Under torchrun, a process killed mid-step (SIGKILL, out of memory) makes the others'
+    gradient exchange fail before the launcher's SIGTERM reaches them: they stop as that signal
+    would stop them, without a traceback, and the launcher names the process that ended."""
+    try:
+        yield
+    except RuntimeError as error:
+        if world is None or not distributed.peer_ended(error):
+            raise
+        ignore_interrupt_signals()  # The launcher's SIGTERM must not cut the clean-up short.
+        raise PeerProcessEnded() from None
 
 
 def load_checked_inputs(
@@ -293,7 +310,8 @@ def train_and_log(params: Params, world: distributed.World | None = None) -> Non
         state.batches.manual_seed(config.seed + world.rank)
         torch.manual_seed(config.seed + world.rank)
         if not world.is_main:
-            train_replica(model, splits, config, state)
+            with stopped_when_a_peer_ends(world):
+                train_replica(model, splits, config, state)
             return
         # A checkpoint would need every process's batches and RNG: none under torchrun.
         config = dataclasses.replace(config, checkpoint_every=0)
@@ -334,7 +352,8 @@ def train_and_log(params: Params, world: distributed.World | None = None) -> Non
                 path, checkpoint_id, run.info.run_id, model, state, progress.curve, progress.best
             )
 
-        train_model(model, splits, config, datasets, state, progress, save_state, pace)
+        with stopped_when_a_peer_ends(world):
+            train_model(model, splits, config, datasets, state, progress, save_state, pace)
         keep_model(model, progress, config)
         save_outputs(model, progress.curve)
         model_sha256 = file_sha256(MODEL_PATH)
