@@ -33,10 +33,12 @@ from tests.support.experiments import (
     wait_for_queue,
 )
 
-# Four experiments on four workers: every worker starts at once on a store that does not exist
-# yet, beside a `dvc exp run --temp`. (Eight on four proved nothing more, at twice the time.)
-# They are DVC's grid of two axes, as docs/OPERATIONS.md shows it.
-GRID = {"train.lr": (3e-3, 3e-2), "train.batch_size": (48, 64)}
+# Two experiments on two workers: every worker starts at once on a store that does not exist
+# yet, beside a `dvc exp run --temp`, so that three processes race to create it. (Four on four,
+# and eight on four before that, proved nothing more on CI's 2 cores, at more time.) They are
+# DVC's grid of two axes, as docs/OPERATIONS.md shows it; the second axis has one value, which
+# every experiment of the grid takes.
+GRID = {"train.lr": (3e-3, 3e-2), "train.batch_size": (48,)}
 
 
 def store_client(repo: Path) -> MlflowClient:
@@ -44,9 +46,9 @@ def store_client(repo: Path) -> MlflowClient:
 
 
 @pytest.mark.e2e
-def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_path):
+def test_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_path):
     """The reliability issue's load test and the scale issue's queue in one run of the queue:
-    four experiments on four workers, and a `dvc exp run --temp` beside them.
+    a grid of two experiments on two workers, and a `dvc exp run --temp` beside them.
 
     The copy starts without mlflow.db, so the first workers also race to create it.
     """
@@ -54,13 +56,13 @@ def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tm
     env = trained_repo[1]
     axes = [f"{param}={','.join(map(str, values))}" for param, values in GRID.items()]
     grid = queue_grid(repo, env, axes)
-    assert len(grid) == 4
+    assert len(grid) == 2
 
-    start_queue(repo, env, jobs=4)
+    start_queue(repo, env, jobs=2)
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
     temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
-    status = wait_for_queue(repo, env, experiments=5)
-    assert status.count("Success") == 4, status + failed_task_logs(repo, env, status)
+    status = wait_for_queue(repo, env, experiments=3)
+    assert status.count("Success") == 2, status + failed_task_logs(repo, env, status)
 
     # One experiment per combination of the axes.
     shown = exp_show(repo, env)
@@ -74,13 +76,13 @@ def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tm
     }
     client = store_client(repo)
     runs = check_experiments_in_store(client, repo, env, {**names, temp_name: "train.lr=4e-2"})
-    assert len(runs) == 5
+    assert len(runs) == 3
     # Nothing else ran (download and vocab were unchanged) and no run is left RUNNING.
-    assert len(training_runs(client)) == 5
+    assert len(training_runs(client)) == 3
     experiment = client.get_experiment_by_name("bigram")
     assert {r.info.status for r in client.search_runs([experiment.experiment_id])} == {"FINISHED"}
     check_registry(client, runs)
-    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 5
+    assert len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 3
 
     head = run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
     for found in runs:
@@ -91,19 +93,19 @@ def test_four_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tm
         assert found.data.tags["git.dirty"] == "true"
         assert found.data.tags["git.changed_files"] == "params.yaml"
 
-    # `dvc plots diff` of the sweep overlays the grid's four curves on the loss chart.
+    # `dvc plots diff` of the sweep overlays the grid's curves on the loss chart.
     plots = json.loads(run(["dvc", "plots", "diff", *grid, "--json"], repo, env).stdout)
     assert not plots.get("errors")
     (chart,) = plots["data"]["data/train/loss_curve.csv"]
     assert {row["rev"] for row in chart["content"]["data"]["values"]} == set(grid)
 
-    # The leaderboard ranks all five by val loss, as MLflow has them.
+    # The leaderboard ranks all three by val loss, as MLflow has them.
     board = run([sys.executable, "-m", "pipeline.leaderboard"], repo, env).stdout
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in board.splitlines()[2:]]
     by_name = {found.info.run_name: found.data.metrics["val_loss"] for found in runs}
     assert [row[1] for row in rows] == sorted(by_name, key=by_name.__getitem__)
     # The baseline's run is in the trained repo's own store, not in this copy's.
-    assert len(rows) == 5
+    assert len(rows) == 3
 
 
 WORKER = """

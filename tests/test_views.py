@@ -31,6 +31,7 @@ from pipeline.tracking.checkpoints import CHECKPOINT_MODEL_TYPE
 from testbed import (
     REPO_ROOT,
     commit_all,
+    copy_repo_with_store,
     copy_trained_repo,
     make_repo_copy,
     mlflow_runs,
@@ -563,8 +564,8 @@ def test_sighup_during_training_is_handled_like_sigterm(prepared_copy):
 def test_a_sigkilled_training_run_is_ended_by_a_repro_in_which_every_stage_is_cached(
     trained_repo, tmp_path
 ):
-    repo, env = copy_trained_repo(trained_repo[0], tmp_path / "repo"), trained_repo[1]
-    run(["dvc", "repro", "--force"], repo, env)  # a training run in this copy's store
+    # The trained repo's store, with its one finished training run (no second training for it).
+    repo, env = copy_repo_with_store(trained_repo[0], tmp_path / "repo"), trained_repo[1]
     fast = YAML(typ="safe", pure=True).load(repo / "params.yaml")["train"]
     update_params(repo, train=ENDLESS_TRAINING)
     repro = start_and_wait_for_training(["dvc", "repro"], repo, env)
