@@ -82,15 +82,17 @@ ladder: $(STAMP)
 # Lint and type check first (`make lint`), then the whole suite on every core (pytest-xdist; a
 # test file stays on one worker, so that its module fixtures are built once; the longest files
 # start first: tests/conftest.py), then the 15 slowest tests. `make test-fast`: the same without
-# the tests that run the real pipeline (e2e), for the inner loop.
+# the tests that run the real pipeline (e2e), for the inner loop, on one worker more than there
+# are cores: its tests wait on servers and timeouts more than the pipeline's, which keep every
+# core busy.
 PYTEST_WORKERS ?= auto
-PYTEST = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile \
-	--no-loadscope-reorder
+PYTEST_FAST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+PYTEST = PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest --dist loadfile --no-loadscope-reorder
 test: lint
-	$(PYTEST) --durations=15
+	$(PYTEST) -n $(PYTEST_WORKERS) --durations=15
 
 test-fast: lint
-	$(PYTEST) -m "not e2e"
+	$(PYTEST) -n $(PYTEST_FAST_WORKERS) -m "not e2e"
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m benchmarks.run

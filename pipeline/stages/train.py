@@ -161,6 +161,19 @@ def resume_from(path: Path, checkpoint_id: str) -> Checkpoint | None:
         return None
 
 
+def restore(
+    resumed: Checkpoint | None, path: Path, model: LanguageModel, state: TrainingState
+) -> Progress:
+    """Where training starts: a checkpoint's model, optimizer and batch RNG, curve and best
+    point, loaded into model and state; with no checkpoint, step 0."""
+    if resumed is None:
+        return Progress()
+    model.load_state_dict(resumed.model)
+    state.load_state_dict(resumed.training)
+    print(f"resuming from {path}: step {resumed.step} of run {resumed.run_id}")
+    return Progress(resumed.curve, resumed.best)
+
+
 def is_checkpoint_due(step: int, config: TrainParams) -> bool:
     """At every checkpoint_every-th eval point, but neither at step 0 (nothing to resume) nor
     at the last step (the model is the stage's output then)."""
@@ -322,14 +335,10 @@ def train_and_log(params: Params, world: distributed.World | None = None) -> Non
     checkpoint_id = checkpoint_fingerprint(params, device)
     path = checkpoint_file(checkpoint_id)
     resumed = resume_from(path, checkpoint_id) if config.checkpoint_every else None
-    progress = Progress()
+    progress = restore(resumed, path, model, state)
     note = loss_curve_note(model, config)
     if resumed is not None:
-        model.load_state_dict(resumed.model)
-        state.load_state_dict(resumed.training)
-        progress = Progress(resumed.curve, resumed.best)
         note += f"\n\nResumed from step {resumed.step} of run {resumed.run_id} ({path})."
-        print(f"resuming from {path}: step {resumed.step} of run {resumed.run_id}")
 
     with (
         runs.stage_run(
