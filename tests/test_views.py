@@ -518,10 +518,9 @@ def test_champion_moves_only_to_a_version_with_a_lower_val_loss(tmp_path):
 # Truthful run status -----------------------------------------------------------------------
 
 
-def test_evaluate_and_sample_log_into_child_runs_and_fail_on_their_own(prepared_copy):
-    repo, env = prepared_copy
-    for stage in ("train", "evaluate"):
-        assert run_stage(stage, repo, env).returncode == 0
+def test_evaluate_and_sample_log_into_child_runs_and_fail_on_their_own(trained_repo, tmp_path):
+    # The shared trained repo's store, whose train and evaluate runs its `dvc repro` made.
+    repo, env = copy_repo_with_store(trained_repo[0], tmp_path / "repo"), trained_repo[1]
     (training,) = runs_of(repo, "train")
     (evaluation,) = runs_of(repo, "evaluate")
     assert evaluation.data.tags["mlflow.parentRunId"] == training.info.run_id
@@ -530,10 +529,12 @@ def test_evaluate_and_sample_log_into_child_runs_and_fail_on_their_own(prepared_
     # The training run's own system metrics aside, it holds evaluate's exactly.
     assert model_metrics(store(repo).get_run(training.info.run_id)) == pytest.approx(metrics)
 
+    sampled = {found.info.run_id for found in runs_of(repo, "sample")}
+    shutil.rmtree(repo / "data/sample")
     (repo / "data/sample").write_text("a file where the stage needs a directory")
     result = run_stage("sample", repo, env)
     assert result.returncode != 0
-    (sampling,) = runs_of(repo, "sample")
+    (sampling,) = [found for found in runs_of(repo, "sample") if found.info.run_id not in sampled]
     assert sampling.data.tags["mlflow.parentRunId"] == training.info.run_id
     assert sampling.info.status == "FAILED"
     statuses = {r.info.run_id: r.info.status for r in mlflow_runs(repo)}
