@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from testbed import copy_trained_repo
+from tests.support.stages import dvc_yaml
 
 # The third-party modules worth paying attention to: each costs from 0.05 s (tqdm) to seconds
 # (torch, mlflow, pandas, matplotlib.pyplot) to import. A name counts when that module itself
@@ -125,7 +126,7 @@ def module_of(name: str) -> str:
 # __main__'s (as under -m), where a name of the recorder could clash with one of the module's.
 BOOTSTRAP = "exec(__import__('sys').argv[1], {'__name__': '_import_recorder'})"
 RECORDER = r"""
-import atexit, builtins, json, os, runpy, sys
+import atexit, builtins, dataclasses, json, os, runpy, sys
 
 _, out_path, heavy, module, *args = sys.argv[1:]
 heavy = set(json.loads(heavy))
@@ -153,11 +154,46 @@ def on_audit(event, event_args):
         chains[name] = chain
 
 
+def recording_params(params_module):
+    # load_params returns params whose every field records in params_read that it was read.
+    def recording(section, values):
+        fields = {field.name for field in dataclasses.fields(values)}
+
+        class Recording(type(values)):
+            def __getattribute__(self, name):
+                if name in fields:
+                    params_read.add(f"{section}.{name}")
+                return object.__getattribute__(self, name)
+
+        copy = object.__new__(Recording)
+        for name in fields:
+            object.__setattr__(copy, name, getattr(values, name))
+        return copy
+
+    load = params_module.load_params
+
+    def load_params(*args, **kwargs):
+        params = load(*args, **kwargs)
+        sections = [field.name for field in dataclasses.fields(params)]
+        recorded = {name: recording(name, getattr(params, name)) for name in sections}
+        return params_module.Params(**recorded)
+
+    params_module.load_params = load_params
+
+
+params_read, params_recorded = set(), []
 real_import = builtins.__import__
 
 
 def recording_import(name, globals=None, locals=None, fromlist=(), level=0):
     imported = real_import(name, globals, locals, fromlist, level)
+    # Once pipeline.params has run, and before the import statement that loaded it binds a name
+    # from it (`from pipeline.params import load_params` reads the name after this returns).
+    params_module = sys.modules.get("pipeline.params")
+    loading = getattr(getattr(params_module, "__spec__", None), "_initializing", False)
+    if params_module and not loading and not params_recorded:
+        params_recorded.append(True)
+        recording_params(params_module)
     importer = module_name(globals)
     if importer.split(".")[0] == "pipeline":
         absolute = name
@@ -180,6 +216,7 @@ def dump():
                 "loaded": sorted(loaded | set(sys.modules)),
                 "direct": sorted(direct),
                 "chains": chains,
+                "params_read": sorted(params_read),
             },
             out,
         )
@@ -203,6 +240,7 @@ class Imports:
     direct: frozenset[tuple[str, str]]  # (pipeline module, module it imported)
     chains: dict[str, list[str]]
     main: str | None
+    params_read: frozenset[str]  # "section.name" of every param the process read
 
     def heavy_loaded(self) -> set[str]:
         return {name for name in HEAVY if name in self.loaded}
@@ -246,6 +284,7 @@ def record_imports(
         direct=frozenset(tuple(pair) for pair in record["direct"]),
         chains=record["chains"],
         main=record["main"],
+        params_read=frozenset(record["params_read"]),
     )
     return result, imports
 
@@ -485,6 +524,35 @@ def test_a_stage_imports_only_what_it_uses(run: Run, stage_runs, brought):
     if forbidden:
         problems.append(f"loads pipeline modules it must not: {', '.join(sorted(forbidden))}")
     assert not problems, f"`{command}` ({run.name}) " + "\n  ".join(["", *problems])
+
+
+def covers(entry: str, name: str) -> bool:
+    """dvc.yaml's params entry (a section or a param) covers the param section.name."""
+    return name == entry or name.startswith(f"{entry}.")
+
+
+@pytest.mark.e2e
+def test_each_stage_declares_the_params_it_reads(stage_runs):
+    """Each stage ran with params that record which of them are read (RECORDER): dvc.yaml must
+    declare every param a stage reads, and nothing it does not read, so that DVC reruns a stage
+    on a change to any param it depends on and on no other."""
+    declared = {name: spec.get("params", []) for name, spec in dvc_yaml()["stages"].items()}
+    stage_of = {
+        run.name: run.module.removeprefix("pipeline.stages.")
+        for run in RUNS
+        if run.module.startswith("pipeline.stages.")
+    }
+    assert set(stage_of.values()) == set(declared)
+    for name, stage in stage_of.items():
+        _, imports, _ = stage_runs[name]
+        assert imports is not None, name
+        read, entries = imports.params_read, declared[stage]
+        undeclared = {param for param in read if not any(covers(e, param) for e in entries)}
+        assert not undeclared, (name, sorted(undeclared))
+        # The link stage's fast path reads less than the look-up through MLflow that it skips.
+        if name != "link":
+            unread = {e for e in entries if not any(covers(e, param) for param in read)}
+            assert not unread, (name, sorted(unread))
 
 
 def test_every_runnable_module_runs_through_the_stage_entry_point():

@@ -41,15 +41,11 @@ from testbed import (
     update_params,
 )
 from tests.support.experiments import Experiments
-from tests.support.stages import ENDLESS_TRAINING, start_and_wait_for_training
+from tests.support.stages import ENDLESS_TRAINING, dvc_yaml, start_and_wait_for_training
 from tests.support.store import model_metrics
 
 STAGES = ("check", "download", "vocab", "train", "evaluate", "register", "sample", "link")
 MODEL_NAME = "bigram-shakespeare"
-
-
-def dvc_yaml(repo: Path = REPO_ROOT) -> dict:
-    return YAML(typ="safe", pure=True).load(repo / "dvc.yaml")
 
 
 def store(repo: Path) -> MlflowClient:
@@ -112,67 +108,6 @@ def test_each_stage_declares_exactly_the_modules_it_imports():
         expected = {"pipeline/__init__.py"} | files
         declared = {dep for dep in spec["deps"] if dep.startswith("pipeline/")}
         assert declared == expected, stage
-
-
-RECORD_PARAMS_READ = """
-import atexit, dataclasses, json, runpy, sys
-import pipeline.params as p
-
-stage, out = sys.argv[1], sys.argv[2]
-read = set()
-
-def recording(section, values):
-    fields = {field.name for field in dataclasses.fields(values)}
-
-    class Recording(type(values)):
-        def __getattribute__(self, name):
-            if name in fields:
-                read.add(f"{section}.{name}")
-            return object.__getattribute__(self, name)
-
-    copy = object.__new__(Recording)
-    for name in fields:
-        object.__setattr__(copy, name, getattr(values, name))
-    return copy
-
-load = p.load_params
-def load_params(*args, **kwargs):
-    params = load(*args, **kwargs)
-    names = [field.name for field in dataclasses.fields(params)]
-    return p.Params(**{name: recording(name, getattr(params, name)) for name in names})
-
-p.load_params = load_params
-atexit.register(lambda: open(out, "w").write(json.dumps(sorted(read))))
-sys.argv = [stage]
-runpy.run_module(f"pipeline.stages.{stage}", run_name="__main__")
-"""
-
-
-def test_each_stage_declares_the_params_it_reads(prepared_copy, tmp_path):
-    """Each stage runs with params that record which of them are read; dvc.yaml must declare
-    every param read, and nothing it does not read."""
-    repo, env = prepared_copy
-    declared_by_stage = {
-        name: spec.get("params", []) for name, spec in dvc_yaml()["stages"].items()
-    }
-    for stage in STAGES:
-        if stage == "link":
-            (repo / paths.RUN_INFO_PATH).unlink()  # so that it looks the run up in MLflow
-        out = tmp_path / f"{stage}.json"
-        result = run([sys.executable, "-c", RECORD_PARAMS_READ, stage, str(out)], repo, env)
-        read = set(json.loads(out.read_text()))
-        declared = declared_by_stage[stage]
-        for name in read:
-            assert any(name == entry or name.startswith(f"{entry}.") for entry in declared), (
-                stage,
-                name,
-                result.stdout[-500:],
-            )
-        for entry in declared:
-            assert any(name == entry or name.startswith(f"{entry}.") for name in read), (
-                stage,
-                entry,
-            )
 
 
 def changed_stages(repo: Path, env: dict) -> set[str]:

@@ -10,7 +10,8 @@ processes that the benchmarks share too, at the repository root).
 - params: params.yaml files with some values replaced, and the error loading one gives.
 - servers: HTTP servers and clients on 127.0.0.1: the faulty corpus server, a background
   server process, a small JSON client.
-- stages: stages run the way a user runs them: an endless training to interrupt, `dvc exp run`.
+- stages: stages run the way a user runs them: an endless training to interrupt, `dvc exp run`;
+  and dvc.yaml, where they are declared.
 - models: a tiny model and vocabulary in a project directory, logged as the pipeline's
   generator.
 - store: what a run left in an MLflow store.

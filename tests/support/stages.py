@@ -1,4 +1,5 @@
-"""Stages run the way a user runs them: a training long enough to interrupt, `dvc exp run`."""
+"""Stages run the way a user runs them: a training long enough to interrupt, `dvc exp run`;
+and the stages file they are declared in."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from testbed import run
+from ruamel.yaml import YAML
+
+from testbed import REPO_ROOT, run
 
 # A training that runs until the test stops it.
 ENDLESS_TRAINING = {"max_iters": 10**7, "eval_interval": 10**6}
@@ -37,3 +40,8 @@ def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
     """`dvc exp run -S override`: (the experiment's name, its stdout)."""
     result = run(["dvc", "exp", "run", "-S", override], repo, env)
     return re.search(r"Ran experiment\(s\): (\S+)", result.stdout).group(1), result.stdout
+
+
+def dvc_yaml(repo: Path = REPO_ROOT) -> dict:
+    """dvc.yaml of repo (by default, of this checkout) as a dict."""
+    return YAML(typ="safe", pure=True).load(repo / "dvc.yaml")
