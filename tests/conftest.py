@@ -43,7 +43,7 @@ from testbed import (
 from tests.support.experiments import Experiments
 from tests.support.models import make_workspace
 from tests.support.servers import start_faulty_server
-from tests.support.stages import exp_run
+from tests.support.stages import exp_run, experiment_name
 
 # The fixtures that run the real pipeline (dvc and its stages, in a repo copy): a test that uses
 # one is an e2e test, marked or not, and `make test-fast` (-m "not e2e") leaves it out.
@@ -53,6 +53,7 @@ PIPELINE_FIXTURES = frozenset(
         "prepared_copy",
         "trained_run",
         "trained_repo",
+        "built_experiment",
         "trained_experiment",
         "experiments",
     }
@@ -237,38 +238,43 @@ def trained_repo(trained_run) -> tuple[Path, dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def trained_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
-    """A copy of the trained repo (a new MLflow store) after one `dvc exp run` that trains,
-    and that run's stdout. Tests that run more work in their own copy
-    (testbed.copy_repo_with_store)."""
+def built_experiment(trained_repo, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """A copy of the trained repo (a new MLflow store) after one `dvc exp run -S train.lr=0.05`
+    that trains, and that run's stdout: the one shared copy, which no test changes."""
     trained, env = trained_repo
 
     def build(directory: Path) -> str:
-        repo = copy_trained_repo(trained, directory / "repo")
-        return run(["dvc", "exp", "run", "-S", "train.seed=8"], repo, env).stdout
+        return exp_run(copy_trained_repo(trained, directory / "repo"), env, "train.lr=0.05")[1]
 
     built, stdout = built_once(tmp_path_factory, "experiment", build)
-    return private_copy(built / "repo", tmp_path_factory, "experiment"), env, stdout
+    return built / "repo", env, stdout
 
 
 @pytest.fixture(scope="session")
-def experiments(trained_repo, tmp_path_factory) -> Experiments:
-    """A copy of the trained repo (a new MLflow store) after three `dvc exp run`s: train.lr
-    0.05, 0.005, then 0.05 again, which DVC restores from its run-cache. Tests only read it."""
-    trained, env = trained_repo
-    names: list[str] = []
+def trained_experiment(built_experiment, tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """This worker's copy of built_experiment, with its stdout. Tests that run more work in a
+    copy of their own (testbed.copy_repo_with_store)."""
+    built, env, stdout = built_experiment
+    return private_copy(built, tmp_path_factory, "experiment"), env, stdout
+
+
+@pytest.fixture(scope="session")
+def experiments(built_experiment, tmp_path_factory) -> Experiments:
+    """built_experiment (train.lr 0.05), with its store, after two more `dvc exp run`s:
+    train.lr 0.005, then 0.05 again, which DVC restores from its run-cache. Tests only read it."""
+    experiment, env, experiment_stdout = built_experiment
 
     def build(directory: Path) -> str:
-        repo = copy_trained_repo(trained, directory / "repo")
-        for override in ("train.lr=0.05", "train.lr=0.005", "train.lr=0.05"):
-            name, stdout = exp_run(repo, env, override)
-            names.append(name)
-        (directory / "names.json").write_text(json.dumps(names))
+        repo = copy_repo_with_store(experiment, directory / "repo")
+        second, _ = exp_run(repo, env, "train.lr=0.005")
+        restored, stdout = exp_run(repo, env, "train.lr=0.05")
+        (directory / "names.json").write_text(json.dumps([second, restored]))
         return stdout  # the restored one's
 
     built, restored_stdout = built_once(tmp_path_factory, "experiments", build)
-    first, second, restored = json.loads((built / "names.json").read_text())
+    second, restored = json.loads((built / "names.json").read_text())
     repo = private_copy(built / "repo", tmp_path_factory, "experiments")
+    first = experiment_name(experiment_stdout)
     return Experiments(repo, env, first, second, restored, restored_stdout)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from tests.support.experiments import (
     training_runs,
     wait_for_queue,
 )
+from tests.support.stages import experiment_name
 
 # Two experiments on two workers: every worker starts at once on a store that does not exist
 # yet, beside a `dvc exp run --temp`, so that three processes race to create it. (Four on four,
@@ -60,7 +60,7 @@ def test_queued_experiments_and_a_temp_one_share_one_store(trained_repo, tmp_pat
 
     start_queue(repo, env, jobs=2)
     temp = run(["dvc", "exp", "run", "--temp", "-S", "train.lr=4e-2"], repo, env)
-    temp_name = re.search(r"Ran experiment\(s\): (\S+)", temp.stdout + temp.stderr).group(1)
+    temp_name = experiment_name(temp.stdout + temp.stderr)
     status = wait_for_queue(repo, env, experiments=3)
     assert status.count("Success") == 2, status + failed_task_logs(repo, env, status)
 

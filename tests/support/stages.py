@@ -39,7 +39,12 @@ def start_and_wait_for_training(
 def exp_run(repo: Path, env: dict, override: str) -> tuple[str, str]:
     """`dvc exp run -S override`: (the experiment's name, its stdout)."""
     result = run(["dvc", "exp", "run", "-S", override], repo, env)
-    return re.search(r"Ran experiment\(s\): (\S+)", result.stdout).group(1), result.stdout
+    return experiment_name(result.stdout), result.stdout
+
+
+def experiment_name(stdout: str) -> str:
+    """The experiment that `dvc exp run` says it ran."""
+    return re.search(r"Ran experiment\(s\): (\S+)", stdout).group(1)
 
 
 def dvc_yaml(repo: Path = REPO_ROOT) -> dict:
