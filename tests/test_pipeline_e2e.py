@@ -1,7 +1,7 @@
 """End to end: the real `dvc repro` in a throwaway git repo, corpus from a local HTTP server.
 
 The tests read one module-scoped copy of the suite's baseline run (conftest.trained_run); the
-last one adds an experiment to it.
+last one reads the suite's shared experiment (conftest.trained_experiment).
 """
 
 from __future__ import annotations
@@ -199,19 +199,18 @@ def test_mlflow_ui_started_in_the_repo_shows_the_runs(reproduced):
         server.wait(timeout=30)
 
 
-def test_dvc_exp_run_makes_a_named_mlflow_run(reproduced):
-    repo, env, _ = reproduced
-    result = run(["dvc", "exp", "run", "-S", "train.lr=1e-2"], repo, env)
-    names = re.findall(r"Ran experiment\(s\): (\S+)", result.stdout + result.stderr)
-    assert names, result.stdout
+def test_dvc_exp_run_makes_a_named_mlflow_run(trained_experiment):
+    """The shared `dvc exp run -S train.lr=0.05` (tests/conftest.py), in a copy of the trained
+    repo with a new store: its one training run is named after the experiment."""
+    repo, env, stdout = trained_experiment
+    names = re.findall(r"Ran experiment\(s\): (\S+)", stdout)
+    assert names, stdout
     exp_name = names[0]
 
-    trainings = runs_by_stage(client_for(repo))["train"]
-    assert len(trainings) == 2
-    experiment_run = trainings[-1]
+    (experiment_run,) = runs_by_stage(client_for(repo))["train"]
     assert experiment_run.info.run_name == exp_name
     assert experiment_run.data.tags["dvc.exp_name"] == exp_name
-    assert experiment_run.data.params["train.lr"] == "0.01"
+    assert experiment_run.data.params["train.lr"] == "0.05"
     assert experiment_run.info.status == "FINISHED"
 
     # `dvc exp show` lists the experiment's params and metrics beside the baseline's,
@@ -221,6 +220,6 @@ def test_dvc_exp_run_makes_a_named_mlflow_run(reproduced):
     assert any(exp.get("name") == exp_name for exp in experiments), shown
     exp_data = next(exp for exp in experiments if exp.get("name") == exp_name)["revs"][0]["data"]
     exp_metrics = exp_data["metrics"]["data/evaluate/metrics.json"]["data"]
-    assert exp_data["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(0.01)
+    assert exp_data["params"]["params.yaml"]["data"]["train"]["lr"] == pytest.approx(0.05)
     for name, value in exp_metrics.items():
         assert experiment_run.data.metrics[name] == pytest.approx(value, rel=1e-12), name
